@@ -1,0 +1,203 @@
+"""Application settings: one pydantic-settings class read from the environment and `.env`.
+
+Every setting the service understands is a field here, with the default that
+`.env.example` and the README document. `get_settings()` returns one cached
+instance per process; tests build their own `Settings(...)` and pass it to
+`create_app()`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Environment = Literal["development", "test", "staging", "production"]
+
+# Values that appear in examples and templates; never acceptable outside development.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "",
+        "changeme",
+        "change-me",
+        "changethis",
+        "change-this",
+        "secret",
+        "secret-key",
+        "your-secret-key",
+        "your-secret-key-here",
+        "replace-me",
+        "please-change-me",
+        "change-me-to-a-long-random-string",
+        "development-secret-key",
+    }
+)
+MIN_SECRET_KEY_LENGTH = 32
+
+
+class ConfigurationError(RuntimeError):
+    """The configuration is unsafe or inconsistent; the service must not start."""
+
+
+def _split_csv(value: object) -> object:
+    """Accept a comma-separated string for list settings as well as a JSON list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All configuration of one Loan Engine process."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=True,
+    )
+
+    # Application
+    APP_NAME: str = "Loan Engine"
+    APP_VERSION: str = "0.1.0"
+    ENVIRONMENT: Environment = "development"
+    DEBUG: bool = False
+
+    # Security / auth
+    SECRET_KEY: SecretStr | None = None
+    JWT_ALGORITHM: Literal["HS256", "HS384", "HS512"] = "HS256"
+    ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(default=30, ge=1, le=7 * 24 * 60)
+    BCRYPT_ROUNDS: int = Field(default=12, ge=4, le=16)
+    CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    TRUSTED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    TRUSTED_PROXIES: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"]
+    )
+
+    # Database
+    DATABASE_URL: str = "sqlite+aiosqlite:///./var/loan_engine.db"
+
+    # Storage
+    STORAGE_TYPE: Literal["local", "s3"] = "local"
+    STORAGE_LOCAL_ROOT: str = "./var/storage"
+    S3_BUCKET: str = ""
+    S3_PREFIX: str = ""
+    S3_REGION: str = "us-east-1"
+    S3_ENDPOINT_URL: str | None = None
+    MAX_UPLOAD_SIZE_MB: int = Field(default=100, ge=1)
+
+    # Bootstrap admin
+    ADMIN_USERNAME: str = "admin"
+    ADMIN_EMAIL: str = "admin@example.com"
+    ADMIN_PASSWORD: SecretStr | None = None
+
+    # Logging
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    LOG_FORMAT: Literal["json", "text"] = "json"
+    LOG_INCLUDE_TIMESTAMP: bool = True
+
+    # Rate limiting
+    RATE_LIMIT_ENABLED: bool = True
+    RATE_LIMIT_LOGIN: str = "10/minute"
+    RATE_LIMIT_REGISTER: str = "5/minute"
+    RATE_LIMIT_PIPELINE: str = "5/minute"
+    RATE_LIMIT_API: str = "100/minute"
+    RATE_LIMIT_UPLOAD: str = "20/minute"
+
+    # Performance
+    REQUEST_TIMEOUT_SECONDS: int = Field(default=300, ge=1)
+    SLOW_REQUEST_THRESHOLD_MS: int = Field(default=1000, ge=0)
+    MAX_REQUEST_SIZE_MB: int = Field(default=100, ge=1)
+
+    # Database pool
+    DB_POOL_SIZE: int = Field(default=10, ge=1)
+    DB_MAX_OVERFLOW: int = Field(default=20, ge=0)
+    DB_POOL_RECYCLE: int = 3600
+    DB_POOL_TIMEOUT: int = Field(default=30, ge=1)
+    DB_ECHO_QUERIES: bool = False
+    DB_SLOW_QUERY_MS: int = Field(default=500, ge=0)
+
+    # Health checks
+    HEALTH_CHECK_TIMEOUT: int = Field(default=5, ge=1)
+    HEALTH_INCLUDE_DETAILS: bool = True
+
+    # Security headers
+    ENABLE_SECURITY_HEADERS: bool = True
+
+    # Admin
+    ADMIN_DIAGNOSTICS_ENABLED: bool = True
+
+    _split = field_validator("CORS_ORIGINS", "TRUSTED_HOSTS", "TRUSTED_PROXIES", mode="before")(
+        _split_csv
+    )
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        """Plain `postgresql://` and `sqlite://` URLs get their async driver."""
+        if value.startswith("postgresql://") or value.startswith("postgres://"):
+            return "postgresql+asyncpg://" + value.split("://", 1)[1]
+        if value.startswith("sqlite://"):
+            return "sqlite+aiosqlite://" + value.split("://", 1)[1]
+        return value
+
+    @model_validator(mode="after")
+    def _secret_key_policy(self) -> Settings:
+        key = self.SECRET_KEY.get_secret_value() if self.SECRET_KEY else ""
+        if self.ENVIRONMENT in ("development", "test"):
+            if not key:
+                self.SECRET_KEY = SecretStr(secrets.token_urlsafe(48))
+                warnings.warn(
+                    "SECRET_KEY is not set: using a random key for this process only; "
+                    "tokens will not survive a restart",
+                    stacklevel=2,
+                )
+            return self
+        problems = production_problems(self)
+        if problems:
+            raise ConfigurationError(
+                "refusing to start in " + self.ENVIRONMENT + ": " + "; ".join(problems)
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.DATABASE_URL.startswith("sqlite")
+
+    @property
+    def secret_key(self) -> str:
+        assert self.SECRET_KEY is not None  # filled in by the validator
+        return self.SECRET_KEY.get_secret_value()
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """Reasons this configuration is unsafe for staging or production (empty when safe)."""
+    problems: list[str] = []
+    key = settings.SECRET_KEY.get_secret_value() if settings.SECRET_KEY else ""
+    if not key:
+        problems.append("SECRET_KEY is not set")
+    elif key.strip().lower() in PLACEHOLDER_SECRETS:
+        problems.append("SECRET_KEY is a known placeholder value")
+    elif len(key) < MIN_SECRET_KEY_LENGTH:
+        problems.append(f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters")
+    if settings.DEBUG:
+        problems.append("DEBUG must be off")
+    if "*" in settings.CORS_ORIGINS:
+        problems.append("CORS_ORIGINS must not be '*' (credentials are allowed)")
+    if settings.is_sqlite:
+        problems.append("DATABASE_URL must not be SQLite")
+    return problems
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,184 @@
+"""Domain exceptions and the one error envelope every error response uses.
+
+    {"error": {"code", "message", "request_id", "trace_id", "details"}}
+
+Handlers never put exception text, SQL, stack traces or file paths in a
+response: 5xx bodies carry a fixed message and the server logs the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from opentelemetry import trace
+from sqlalchemy.exc import IntegrityError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = structlog.get_logger(__name__)
+
+STATUS_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "service_unavailable",
+    504: "gateway_timeout",
+}
+
+
+class AppError(Exception):
+    """An error with a stable code and HTTP status, safe to show to a client."""
+
+    status_code = 500
+    code = "internal_error"
+    message = "Internal server error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.message
+        self.details = details
+        self.headers = headers
+        super().__init__(self.message)
+
+
+class BadRequest(AppError):
+    status_code, code, message = 400, "bad_request", "Bad request"
+
+
+class Unauthorized(AppError):
+    status_code, code, message = 401, "unauthorized", "Not authenticated"
+
+    def __init__(self, message: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(message, **kwargs)
+
+
+class Forbidden(AppError):
+    status_code, code, message = 403, "forbidden", "Not allowed"
+
+
+class NotFound(AppError):
+    status_code, code, message = 404, "not_found", "Not found"
+
+
+class Conflict(AppError):
+    status_code, code, message = 409, "conflict", "Conflict"
+
+
+class PayloadTooLarge(AppError):
+    status_code, code, message = 413, "payload_too_large", "Request body too large"
+
+
+class UnsupportedMediaType(AppError):
+    status_code, code, message = 415, "unsupported_media_type", "Unsupported media type"
+
+
+class ServiceUnavailable(AppError):
+    status_code, code, message = 503, "service_unavailable", "Service temporarily unavailable"
+
+
+class GatewayTimeout(AppError):
+    status_code, code, message = 504, "gateway_timeout", "Request timed out"
+
+
+def current_ids() -> tuple[str | None, str | None]:
+    """The request id bound to the log context and the active trace id, if any."""
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    ctx = trace.get_current_span().get_span_context()
+    trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else None
+    return request_id, trace_id
+
+
+def envelope(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    """The error body for `code`, stamped with the current request and trace ids."""
+    request_id, trace_id = current_ids()
+    return {
+        "error": {
+            "code": code,
+            "message": message,
+            "request_id": request_id,
+            "trace_id": trace_id,
+            "details": details,
+        }
+    }
+
+
+def error_response(
+    status_code: int,
+    code: str | None = None,
+    message: str | None = None,
+    details: Any = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    code = code or STATUS_CODES.get(status_code, "error")
+    message = message or code.replace("_", " ").capitalize()
+    return JSONResponse(envelope(code, message, details), status_code=status_code, headers=headers)
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Only where, what and which kind: the rejected value itself is never echoed back.
+    return [
+        {
+            "location": ".".join(str(part) for part in err.get("loc", ())),
+            "message": err.get("msg", ""),
+            "type": err.get("type", ""),
+        }
+        for err in exc.errors()
+    ]
+
+
+async def _app_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)
+    log = logger.error if exc.status_code >= 500 else logger.info
+    log("http.error", code=exc.code, status_code=exc.status_code)
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = STATUS_CODES.get(exc.status_code, "error")
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    message = detail or code.replace("_", " ").capitalize()
+    return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(
+        422, "validation_error", "Request validation failed", _validation_details(exc)
+    )
+
+
+async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("db.integrity_error", error_type=type(exc).__name__)
+    return error_response(409, "conflict", "The request conflicts with existing data")
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("http.unhandled_exception", exc_info=exc)
+    return error_response(500, "internal_error", "Internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error, whatever raised it, into the envelope."""
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(Exception, _unhandled)

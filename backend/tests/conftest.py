@@ -1,0 +1,156 @@
+"""Shared fixtures: the real PostgreSQL test database, an app per test, HTTP clients.
+
+Every test that uses the database starts from empty tables (TRUNCATE), so tests
+never see each other's rows. PostgreSQL unreachable is a hard failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from backend.api.main import create_app
+from backend.config import Settings
+from backend.migrations.runner import upgrade
+from backend.models import Base
+
+TEST_DATABASE_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+ADMIN_PASSWORD = "admin-password-for-tests"
+TEST_SECRET = "test-secret-key-that-is-long-enough-0123456789"
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for a test app: PostgreSQL, fast hashing, no rate limits unless asked."""
+    values: dict[str, Any] = {
+        "ENVIRONMENT": "test",
+        "SECRET_KEY": TEST_SECRET,
+        "DATABASE_URL": TEST_DATABASE_URL,
+        "BCRYPT_ROUNDS": 4,
+        "ADMIN_USERNAME": "admin",
+        "ADMIN_EMAIL": "admin@example.com",
+        "ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "RATE_LIMIT_ENABLED": False,
+        "DB_POOL_SIZE": 5,
+        "DB_MAX_OVERFLOW": 5,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+async def _reset_schema(url: str) -> None:
+    engine = create_async_engine(url, poolclass=NullPool)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+            await conn.execute(text("CREATE SCHEMA public"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated_database() -> str:
+    """The test database, emptied and migrated to head once per run."""
+    try:
+        asyncio.run(_reset_schema(TEST_DATABASE_URL))
+    except Exception as exc:
+        pytest.exit(
+            f"PostgreSQL is not reachable at TEST_DATABASE_URL={TEST_DATABASE_URL}: "
+            f"{type(exc).__name__}: {exc}",
+            returncode=1,
+        )
+    upgrade(TEST_DATABASE_URL)
+    return TEST_DATABASE_URL
+
+
+async def truncate_all(url: str) -> None:
+    names = ", ".join(f'"{t.name}"' for t in reversed(Base.metadata.sorted_tables))
+    engine = create_async_engine(url, poolclass=NullPool)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def clean_db(migrated_database: str) -> str:
+    await truncate_all(migrated_database)
+    return migrated_database
+
+
+@pytest.fixture
+def settings(clean_db: str) -> Settings:
+    return make_settings(DATABASE_URL=clean_db)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.10", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+async def login(client: httpx.AsyncClient, username: str, password: str) -> str:
+    response = await client.post(
+        "/api/auth/login", data={"username": username, "password": password}
+    )
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    return token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def admin_headers(client: httpx.AsyncClient) -> dict[str, str]:
+    return bearer(await login(client, "admin", ADMIN_PASSWORD))
+
+
+UserFactory = Callable[..., Awaitable[dict[str, Any]]]
+
+
+@pytest.fixture
+def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> UserFactory:
+    """Register a user, give it a role, and return its id, headers and password."""
+    counter = iter(range(1, 10_000))
+
+    async def factory(role: str = "viewer", **fields: Any) -> dict[str, Any]:
+        n = next(counter)
+        username = fields.get("username", f"{role}{n}")
+        password = fields.get("password", f"password-{role}-{n}-long")
+        response = await client.post(
+            "/api/auth/register",
+            json={"username": username, "email": f"{username}@example.com", "password": password},
+        )
+        assert response.status_code == 201, response.text
+        user_id = response.json()["id"]
+        if role != "viewer":
+            patched = await client.patch(
+                f"/api/users/{user_id}", json={"role": role}, headers=admin_headers
+            )
+            assert patched.status_code == 200, patched.text
+        token = await login(client, username, password)
+        return {"id": user_id, "username": username, "password": password, "headers": bearer(token)}
+
+    return factory

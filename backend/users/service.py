@@ -1,0 +1,102 @@
+"""User administration and the bootstrap admin account."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+
+import anyio
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.auth.security import hash_password
+from backend.config import ConfigurationError, Settings
+from backend.errors import BadRequest, Conflict, NotFound
+from backend.models import Role, SalesTeam, User
+from backend.pagination import PageParams
+from backend.users.schemas import UserUpdate
+
+logger = structlog.get_logger(__name__)
+
+
+async def list_users(session: AsyncSession, page: PageParams) -> tuple[list[User], int]:
+    total = await session.scalar(select(func.count()).select_from(User)) or 0
+    rows = await session.scalars(
+        select(User).order_by(User.id).limit(page.limit).offset(page.offset)
+    )
+    return list(rows), total
+
+
+async def update_user(
+    session: AsyncSession, actor: User, user_id: int, changes: UserUpdate
+) -> User:
+    """Apply an admin's changes; an admin cannot lock themselves out."""
+    user = await session.get(User, user_id)
+    if user is None:
+        raise NotFound("User not found")
+    fields = changes.model_dump(exclude_unset=True)
+    if user.id == actor.id and (
+        fields.get("is_active") is False or fields.get("role", Role.ADMIN) != Role.ADMIN
+    ):
+        raise Conflict("Admins cannot demote or deactivate themselves")
+    if "role" in fields and fields["role"] is None:
+        raise BadRequest("role cannot be null")
+    if "is_active" in fields and fields["is_active"] is None:
+        raise BadRequest("is_active cannot be null")
+    team_id = fields.get("sales_team_id")
+    if team_id is not None and await session.get(SalesTeam, team_id) is None:
+        raise BadRequest("Unknown sales_team_id")
+    for name, value in fields.items():
+        setattr(user, name, value)
+    await session.flush()
+    logger.info("user.updated", target_user_id=user.id, fields=sorted(fields))
+    return user
+
+
+async def ensure_admin(session: AsyncSession, settings: Settings) -> User | None:
+    """Create the bootstrap admin when no admin exists; None when one already does.
+
+    Without ADMIN_PASSWORD, development and test generate one and print it once to
+    the console (never to the log); staging and production refuse.
+    """
+    existing = await session.scalar(select(User.id).where(User.role == Role.ADMIN).limit(1))
+    if existing is not None:
+        return None
+    password = settings.ADMIN_PASSWORD.get_secret_value() if settings.ADMIN_PASSWORD else ""
+    generated = False
+    if not password:
+        if settings.ENVIRONMENT in ("staging", "production"):
+            raise ConfigurationError("ADMIN_PASSWORD must be set to seed the admin account")
+        password = secrets.token_urlsafe(18)
+        generated = True
+    clash = await session.scalar(
+        select(User).where(
+            (User.username == settings.ADMIN_USERNAME)
+            | (User.email == settings.ADMIN_EMAIL.lower())
+        )
+    )
+    if clash is not None:
+        raise ConfigurationError(
+            "cannot seed the admin: ADMIN_USERNAME or ADMIN_EMAIL belongs to a non-admin user"
+        )
+    hashed = await anyio.to_thread.run_sync(hash_password, password, settings.BCRYPT_ROUNDS)
+    user = User(
+        username=settings.ADMIN_USERNAME,
+        email=settings.ADMIN_EMAIL.lower(),
+        hashed_password=hashed,
+        role=Role.ADMIN,
+        is_active=True,
+    )
+    session.add(user)
+    await session.flush()
+    logger.info("admin.seeded", username=user.username, generated_password=generated)
+    if generated:
+        # Shown once to the operator, deliberately not logged.
+        print(
+            f"\n  Admin account created: username={user.username} password={password}\n"
+            "  (generated because ADMIN_PASSWORD is unset; it is not shown again)\n",
+            file=sys.stderr,
+            flush=True,
+        )
+    return user
