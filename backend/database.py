@@ -40,7 +40,7 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def _ensure_sqlite_dir(url: str) -> None:
+def ensure_sqlite_dir(url: str) -> None:
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def _ensure_sqlite_dir(url: str) -> None:
 def create_engine(settings: Settings) -> AsyncEngine:
     """Build the async engine for `settings.DATABASE_URL`."""
     if settings.is_sqlite:
-        _ensure_sqlite_dir(settings.DATABASE_URL)
+        ensure_sqlite_dir(settings.DATABASE_URL)
     engine = create_async_engine(settings.DATABASE_URL, **engine_options(settings))
     if settings.is_sqlite:
 

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from backend.config import get_settings
+from backend.database import ensure_sqlite_dir
 from backend.models import Base
 
 config = context.config
@@ -52,7 +53,10 @@ def _run_sync(connection: Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    engine = create_async_engine(_database_url(), poolclass=NullPool)
+    url = _database_url()
+    if url.startswith("sqlite"):
+        ensure_sqlite_dir(url)
+    engine = create_async_engine(url, poolclass=NullPool)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run_sync)
