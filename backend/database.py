@@ -7,6 +7,7 @@ default (aiosqlite) gets a plain pool with foreign keys switched on.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class Database:
         self.engine = create_engine(settings)
         self.session_factory = create_session_factory(self.engine)
 
+    @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session that commits when the caller is done and rolls back on error."""
         async with self.session_factory() as session:

@@ -32,9 +32,9 @@ def seed_admin() -> None:
         settings = get_settings()
         database = Database(settings)
         try:
-            async for session in database.session():
-                return await ensure_admin(session, settings) is not None
-            return False
+            async with database.session() as session:
+                created = await ensure_admin(session, settings)
+            return created is not None
         finally:
             await database.dispose()
 

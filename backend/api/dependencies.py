@@ -36,7 +36,7 @@ DatabaseDep = Annotated[Database, Depends(get_database)]
 
 async def get_session(database: DatabaseDep) -> AsyncIterator[AsyncSession]:
     """One session per request, committed before the response is sent."""
-    async for session in database.session():
+    async with database.session() as session:
         yield session
 
 

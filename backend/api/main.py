@@ -24,7 +24,7 @@ logger = structlog.get_logger(__name__)
 async def seed_admin(database: Database, settings: Settings) -> None:
     """Create the bootstrap admin if none exists; a database not migrated yet is logged."""
     try:
-        async for session in database.session():
+        async with database.session() as session:
             await users_service.ensure_admin(session, settings)
     except SQLAlchemyError as exc:
         logger.warning("admin.seed.skipped", reason=type(exc).__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from backend.tests.conftest import UserFactory
 from backend.tests.test_auth import assert_envelope
@@ -95,3 +96,31 @@ async def test_health(client: httpx.AsyncClient) -> None:
     response = await client.get("/health")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+async def test_seed_refuses_production_without_admin_password(clean_db: str) -> None:
+    from backend.config import ConfigurationError
+    from backend.database import Database
+    from backend.tests.conftest import make_settings
+    from backend.users.service import ensure_admin
+
+    settings = make_settings(
+        ENVIRONMENT="production", SECRET_KEY="p" * 40, ADMIN_PASSWORD=None, DATABASE_URL=clean_db
+    )
+    database = Database(settings)
+    try:
+        with pytest.raises(ConfigurationError, match="ADMIN_PASSWORD"):
+            async with database.session() as session:
+                await ensure_admin(session, settings)
+        async with database.session() as session:
+            assert (await client_count_users(session)) == 0
+    finally:
+        await database.dispose()
+
+
+async def client_count_users(session: object) -> int:
+    from sqlalchemy import func, select
+
+    from backend.models import User
+
+    return int(await session.scalar(select(func.count()).select_from(User)))  # type: ignore[attr-defined]
