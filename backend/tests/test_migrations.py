@@ -17,7 +17,8 @@ from backend.migrations.runner import downgrade, upgrade
 from backend.models import Base
 from backend.tests.conftest import TEST_DATABASE_URL
 
-SCRATCH_DB = "loan_engine_migrations"
+# Named after the test database so parallel suites on other databases never collide.
+SCRATCH_DB = f"{make_url(TEST_DATABASE_URL).database}_migrations"
 
 
 def _diff(connection: Connection) -> list[object]:
