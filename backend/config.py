@@ -135,9 +135,37 @@ class Settings(BaseSettings):
     # Admin
     ADMIN_DIAGNOSTICS_ENABLED: bool = True
 
-    _split = field_validator("CORS_ORIGINS", "TRUSTED_HOSTS", "TRUSTED_PROXIES", mode="before")(
-        _split_csv
+    # Observability
+    # Names follow the OpenTelemetry environment variables so that a collector or
+    # AWS set-up documented for OTel applies unchanged.
+    OTEL_SERVICE_NAME: str = "loan-engine"
+    # otlp | console | none; "otlp" without an endpoint exports nothing.
+    OTEL_TRACES_EXPORTER: Literal["otlp", "console", "none"] = "otlp"
+    OTEL_EXPORTER_OTLP_ENDPOINT: str = ""
+    OTEL_EXPORTER_OTLP_PROTOCOL: Literal["grpc", "http/protobuf"] = "http/protobuf"
+    OTEL_PROPAGATORS: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["tracecontext", "baggage", "xray"]
     )
+    OTEL_TRACES_SAMPLER: Literal[
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ] = "parentbased_always_on"
+    OTEL_TRACES_SAMPLER_ARG: float = Field(default=1.0, ge=0.0, le=1.0)
+    # key=value,key=value (e.g. aws.log.group.names=/ecs/loan-engine)
+    OTEL_RESOURCE_ATTRIBUTES: str = ""
+    OTEL_SHUTDOWN_TIMEOUT_SECONDS: float = Field(default=3.0, gt=0, le=30)
+    # Where the API sends people to look at a trace.
+    TRACE_UI: Literal["jaeger", "xray"] = "jaeger"
+    TRACE_UI_URL: str = "http://localhost:16686"
+    AWS_REGION: str = "us-east-1"
+
+    _split = field_validator(
+        "CORS_ORIGINS", "TRUSTED_HOSTS", "TRUSTED_PROXIES", "OTEL_PROPAGATORS", mode="before"
+    )(_split_csv)
 
     @field_validator("DATABASE_URL")
     @classmethod

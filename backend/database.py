@@ -6,11 +6,14 @@ default (aiosqlite) gets a plain pool with foreign keys switched on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import structlog
+from opentelemetry import trace
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -21,6 +24,11 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from backend.config import Settings
+
+SLOW_QUERY_STATEMENT_CHARS = 1000
+# Attribute on SQLAlchemy's per-execution context; the execution context is discarded
+# with the statement, so nothing is left behind when a statement fails.
+_START_ATTR = "_loan_engine_started"
 
 
 def engine_options(settings: Settings) -> dict[str, Any]:
@@ -61,7 +69,57 @@ def create_engine(settings: Settings) -> AsyncEngine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.close()
 
+    install_slow_query_listener(engine, settings.DB_SLOW_QUERY_MS)
     return engine
+
+
+def install_slow_query_listener(engine: AsyncEngine, threshold_ms: int) -> None:
+    """Report statements slower than `threshold_ms` on their span and in the log.
+
+    The report is a `db.slow_query` span event and a `db.slow_query` warning with
+    the statement text cut to 1,000 characters (never its parameters), the
+    duration and the threshold. Install before the SQLAlchemy instrumentation:
+    listeners run in registration order, and the statement's span must still be
+    open when the event is added.
+    """
+    log = structlog.get_logger("backend.database")
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "before_cursor_execute")
+    def _started(
+        _conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool
+    ) -> None:
+        if context is not None:
+            setattr(context, _START_ATTR, time.perf_counter())
+
+    @event.listens_for(sync_engine, "after_cursor_execute")
+    def _finished(
+        _conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool
+    ) -> None:
+        started = getattr(context, _START_ATTR, None)
+        if started is None:
+            return
+        duration_ms = (time.perf_counter() - started) * 1000
+        if duration_ms <= threshold_ms:
+            return
+        fields: dict[str, Any] = {
+            "statement": statement[:SLOW_QUERY_STATEMENT_CHARS],
+            "duration_ms": round(duration_ms, 2),
+            "threshold_ms": threshold_ms,
+        }
+        # The statement's own span (set by the SQLAlchemy instrumentation, not made
+        # current by it); the request's span when the engine is not instrumented.
+        span = getattr(context, "_otel_span", None) or trace.get_current_span()
+        span.add_event("db.slow_query", fields)
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            trace_id = format(span_context.trace_id, "032x")
+            fields.update(
+                trace_id=trace_id,
+                span_id=format(span_context.span_id, "016x"),
+                xray_trace_id=f"1-{trace_id[:8]}-{trace_id[8:]}",
+            )
+        log.warning("db.slow_query", **fields)
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

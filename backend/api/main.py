@@ -8,13 +8,17 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from opentelemetry.sdk.trace.export import SpanExporter
 from sqlalchemy.exc import SQLAlchemyError
 
 from backend.auth.routes import router as auth_router
 from backend.config import Settings, get_settings
 from backend.database import Database
 from backend.errors import install_error_handlers
+from backend.middleware.request_context import install_request_context
 from backend.observability.health import router as health_router
+from backend.observability.logging_config import configure_logging
+from backend.observability.tracing import Tracing, instrument_app, instrument_engine
 from backend.users import service as users_service
 from backend.users.routes import router as users_router
 
@@ -33,7 +37,12 @@ async def seed_admin(database: Database, settings: Settings) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    # Tracing starts here, in each worker process (never before a fork): the exporter
+    # thread and service.instance.id belong to the worker.
+    tracing: Tracing = app.state.tracing
+    tracing.start()
     database = Database(settings)
+    instrument_engine(database.engine)
     app.state.db = database
     await seed_admin(database, settings)
     logger.info("app.started", environment=settings.ENVIRONMENT, version=settings.APP_VERSION)
@@ -42,11 +51,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await database.dispose()
         logger.info("app.stopped")
+        # Last, so spans of the shutdown itself are exported; bounded, never hangs.
+        tracing.shutdown()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build a fully wired application for `settings` (the process settings by default)."""
+def create_app(
+    settings: Settings | None = None, *, span_exporter: SpanExporter | None = None
+) -> FastAPI:
+    """Build a fully wired application for `settings` (the process settings by default).
+
+    `span_exporter` (tests) receives this app's spans instead of the configured exporter.
+    """
     settings = settings or get_settings()
+    configure_logging(settings)
     app = FastAPI(
         title=settings.APP_NAME,
         version=settings.APP_VERSION,
@@ -54,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.tracing = Tracing(settings, span_exporter)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(auth_router)
@@ -67,6 +85,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Server-Timing"],
         )
+    # Middleware added above with add_middleware runs innermost-last. Security headers,
+    # body limits and rate limiting go here (add_middleware), in reverse order: they end
+    # up inside the two layers below.
+    #
+    # The two outermost layers, outermost first (ARCHITECTURE.md "The path of a request"):
+    #   1. the OpenTelemetry server span (so a 500 from the catch-all handler is an error span)
+    #   2. the request context (request id, log context, Server-Timing, the access line)
+    instrument_app(app)
+    install_request_context(app, settings)
     return app
 
 
