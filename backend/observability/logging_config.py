@@ -85,7 +85,7 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, Mapping):
-        return {k: REDACTED if is_sensitive_key(k) else redact(v) for k, v in value.items()}
+        return {k: _redact_item(k, v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         items = list(value)
         # Header lists: [(name, value), ...] as ASGI and httpx carry them.
@@ -102,12 +102,16 @@ def redact(value: Any) -> Any:
     return value
 
 
+def _redact_item(key: object, value: Any) -> Any:
+    # A flag or an absent value cannot carry a secret (`generated_password=True` stays).
+    if is_sensitive_key(key) and value is not None and not isinstance(value, bool):
+        return REDACTED
+    return redact(value)
+
+
 def redact_processor(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: run `redact` over the whole event."""
-    return {
-        key: REDACTED if is_sensitive_key(key) else redact(value)
-        for key, value in event_dict.items()
-    }
+    return {key: _redact_item(key, value) for key, value in event_dict.items()}
 
 
 def format_trace_ids(trace_id: int, span_id: int) -> dict[str, str]:

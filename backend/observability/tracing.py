@@ -285,6 +285,28 @@ def process_tracer_provider(settings: Settings) -> TracerProvider:
         return _provider
 
 
+def build_span_exporter(settings: Settings) -> SpanExporter | None:
+    """The exporter named by OTEL_TRACES_EXPORTER, or None when nothing is exported."""
+    if settings.OTEL_TRACES_EXPORTER == "console":
+        # stderr: stdout carries the JSON log lines and must stay one object per line.
+        return ConsoleSpanExporter(out=sys.stderr)
+    if settings.OTEL_TRACES_EXPORTER == "none" or not settings.OTEL_EXPORTER_OTLP_ENDPOINT:
+        return None
+    endpoint = settings.OTEL_EXPORTER_OTLP_ENDPOINT.rstrip("/")
+    if settings.OTEL_EXPORTER_OTLP_PROTOCOL == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
+
+    # OTEL_EXPORTER_OTLP_ENDPOINT is the collector's base URL; the signal path is ours.
+    return HttpExporter(endpoint=f"{endpoint}/v1/traces")
+
+
 def build_span_processor(
     settings: Settings, span_exporter: SpanExporter | None = None
 ) -> SpanProcessor | None:
@@ -295,26 +317,8 @@ def build_span_processor(
     """
     if span_exporter is not None:
         return SimpleSpanProcessor(span_exporter)
-    if settings.OTEL_TRACES_EXPORTER == "console":
-        # stderr: stdout carries the JSON log lines and must stay one object per line.
-        return BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr))
-    if settings.OTEL_TRACES_EXPORTER == "none" or not settings.OTEL_EXPORTER_OTLP_ENDPOINT:
-        return None
-    endpoint = settings.OTEL_EXPORTER_OTLP_ENDPOINT.rstrip("/")
-    exporter: SpanExporter
-    if settings.OTEL_EXPORTER_OTLP_PROTOCOL == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        exporter = GrpcExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpExporter,
-        )
-
-        exporter = HttpExporter(endpoint=f"{endpoint}/v1/traces")
-    return BatchSpanProcessor(exporter)
+    exporter = build_span_exporter(settings)
+    return BatchSpanProcessor(exporter) if exporter is not None else None
 
 
 # --------------------------------------------------------------- instrumentation
