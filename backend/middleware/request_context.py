@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from starlette.applications import Starlette
@@ -200,6 +201,30 @@ class RequestContextMiddleware:
             )
 
 
+class FreshContextMiddleware:
+    """Outermost layer: every request starts with no trace context and no log context.
+
+    uvicorn creates the task of a pipelined request from inside the task of the
+    request before it, so that task inherits the previous request's contextvars.
+    The OTel middleware would then see the previous server span as current and
+    make the new request an INTERNAL child in the old trace instead of a new trace.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        structlog.contextvars.clear_contextvars()
+        token = otel_context.attach(otel_context.Context())
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            otel_context.detach(token)
+
+
 def install_request_context(app: Starlette, settings: Settings) -> None:
     """Put `RequestContextMiddleware` right inside the OTel server span of `app`.
 
@@ -207,7 +232,8 @@ def install_request_context(app: Starlette, settings: Settings) -> None:
     ServerErrorMiddleware, which renders the final 500 with the outer `send`;
     from there the request id and Server-Timing could not reach that response.
     The FastAPI instrumentation builds `OTel(ServerErrorMiddleware(...))`, so the
-    request context goes between the two. Call after instrumenting `app`.
+    request context goes between the two. `FreshContextMiddleware` wraps it all.
+    Call after instrumenting `app`.
     """
     build_stack = app.build_middleware_stack
 
@@ -217,8 +243,8 @@ def install_request_context(app: Starlette, settings: Settings) -> None:
         while node is not None and not isinstance(node, OpenTelemetryMiddleware):
             node = getattr(node, "app", None)
         if node is None:  # not instrumented: the request context is outermost
-            return RequestContextMiddleware(stack, settings, app.router)
+            return FreshContextMiddleware(RequestContextMiddleware(stack, settings, app.router))
         node.app = RequestContextMiddleware(node.app, settings, app.router)
-        return stack
+        return FreshContextMiddleware(stack)
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]

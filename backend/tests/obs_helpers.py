@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+import httpx
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -102,3 +107,59 @@ class OtlpReceiver:
                 for scope_spans in resource_spans.scope_spans:
                     for span in scope_spans.spans:
                         yield resource, span
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Uvicorn:
+    """`uvicorn backend.api.main:app` in a subprocess on a free port; always stopped."""
+
+    def __init__(self, env: dict[str, str], workers: int = 1) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env}
+        self.workers = workers
+        self.output = ""
+        self.process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Uvicorn:
+        command = [sys.executable, "-m", "uvicorn", "backend.api.main:app"]
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        if self.workers > 1:
+            command += ["--workers", str(self.workers)]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_until(self._answers, 30, f"uvicorn on port {self.port}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"uvicorn exited: {self.process.communicate()[0]}")
+        try:
+            return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and keep what it printed."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.output, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.output, _ = self.process.communicate()
+        self.process = None

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +39,7 @@ from backend.tests.conftest import (
 )
 from backend.tests.obs_helpers import (
     OtlpReceiver,
+    Uvicorn,
     events,
     free_port,
     json_lines,
@@ -478,13 +476,9 @@ class TestOtlpExport:
 
 
 class TestWorkers:
-    def test_two_uvicorn_workers_both_export_spans(
-        self, clean_db: str, capfd: pytest.CaptureFixture[str]
-    ) -> None:
-        port = free_port()
+    def test_two_uvicorn_workers_both_export_spans(self, clean_db: str) -> None:
         with OtlpReceiver() as receiver:
             env = {
-                **os.environ,
                 "ENVIRONMENT": "test",
                 "SECRET_KEY": TEST_SECRET,
                 "DATABASE_URL": clean_db,
@@ -498,26 +492,7 @@ class TestWorkers:
                 "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
             }
-            server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "backend.api.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    "2",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            try:
+            with Uvicorn(env, workers=2) as server:
 
                 def instances() -> set[str]:
                     return {
@@ -527,22 +502,13 @@ class TestWorkers:
                     }
 
                 def both_workers_exported() -> bool:
-                    # New connections each time: the kernel spreads them over the workers.
-                    try:
-                        httpx.get(f"http://127.0.0.1:{port}/api/auth/me", timeout=2)
-                    except httpx.TransportError:
-                        return False
+                    # A new connection each time: the kernel spreads them over the workers.
+                    response = httpx.get(f"{server.base_url}/api/auth/me", timeout=5)
+                    assert response.status_code == 401
                     return len(instances()) >= 2
 
                 wait_until(both_workers_exported, 60, "spans from two worker processes")
-            finally:
-                server.terminate()
-                try:
-                    output, _ = server.communicate(timeout=30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    output, _ = server.communicate()
-        lines = json_lines(output)
+        lines = json_lines(server.output)
         assert len(events(lines, "app.started")) == 2  # one lifespan per worker
         assert events(lines, "http.request.completed", route="/api/auth/me", status_code=401)
 
