@@ -86,7 +86,7 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         structlog.contextvars.clear_contextvars()
         incoming = _header(scope, b"x-request-id")
-        request_id = incoming if valid_request_id(incoming) else str(uuid.uuid4())
+        request_id = incoming if incoming and valid_request_id(incoming) else str(uuid.uuid4())
         client = scope.get("client")
         context: dict[str, Any] = {
             "request_id": request_id,

@@ -345,7 +345,7 @@ def instrument_engine(engine: AsyncEngine) -> None:
     # patch create_engine for the whole process and can run only once per process.
     tracer = trace.get_tracer("opentelemetry.instrumentation.sqlalchemy")
     connections_usage = metrics.get_meter("opentelemetry.instrumentation.sqlalchemy")
-    EngineTracer(
+    EngineTracer(  # type: ignore[no-untyped-call]
         tracer,
         sync_engine,
         connections_usage.create_up_down_counter(

@@ -144,7 +144,7 @@ class TestRequestTrace:
         assert sql, "no SQL spans"
         for statement in sql:
             assert statement.parent is not None
-            assert statement.parent.span_id == span.context.span_id  # type: ignore[union-attr]
+            assert statement.parent.span_id == span.context.span_id
             assert hex_trace(statement) == hex_trace(span)
         # asyncpg is not instrumented as well: one span per statement, each a SQLAlchemy one.
         assert {s.instrumentation_scope.name for s in sql} == {  # type: ignore[union-attr]
@@ -229,7 +229,7 @@ class TestRequestTrace:
             assert trace_of.setdefault(request_id, line["trace_id"]) == line["trace_id"]
         assert len(set(trace_of.values())) == len(expected)
         spans = {
-            format(s.context.trace_id, "032x")  # type: ignore[union-attr]
+            format(s.context.trace_id, "032x")
             for s in exporter.get_finished_spans()
             if s.name == "GET /api/auth/me"
         }
@@ -648,7 +648,7 @@ class TestLogging:
             # it back to logging for this block, as configure_logging does in a process.
             logging.captureWarnings(False)
             logging.captureWarnings(True)
-            Settings(_env_file=None, ENVIRONMENT="development")  # type: ignore[call-arg]
+            Settings(_env_file=None, ENVIRONMENT="development")
         lines = [
             line for line in json_lines(capsys.readouterr().out) if "SECRET_KEY" in line["event"]
         ]
@@ -743,3 +743,16 @@ class TestDeployFiles:
         assert {"otel-collector", "jaeger"} <= set(compose["services"])
         for service in compose["services"].values():
             assert "healthcheck" in service
+
+    def test_every_observability_setting_is_documented(self) -> None:
+        names = [
+            name
+            for name in Settings.model_fields
+            if name.startswith(("OTEL_", "TRACE_", "LOG_")) or name == "AWS_REGION"
+        ]
+        assert len(names) >= 15
+        env_example = (ROOT / ".env.example").read_text()
+        readme = (ROOT / "README.md").read_text()
+        for name in names:
+            assert f"\n{name}=" in env_example, name
+            assert f"| `{name}` |" in readme, name
