@@ -17,7 +17,11 @@ from backend.database import Database
 from backend.errors import install_error_handlers
 from backend.middleware.request_context import install_request_context
 from backend.observability.health import router as health_router
-from backend.observability.logging_config import configure_logging
+from backend.observability.logging_config import (
+    configure_logging,
+    replay_warnings,
+    warnings_held_for_logging,
+)
 from backend.observability.tracing import Tracing, instrument_app, instrument_engine
 from backend.users import service as users_service
 from backend.users.routes import router as users_router
@@ -62,8 +66,12 @@ def create_app(
 
     `span_exporter` (tests) receives this app's spans instead of the configured exporter.
     """
-    settings = settings or get_settings()
+    # Reading settings may warn (the generated development SECRET_KEY) before logging
+    # exists: hold those warnings and let them come out as log lines.
+    with warnings_held_for_logging() as early_warnings:
+        settings = settings or get_settings()
     configure_logging(settings)
+    replay_warnings(early_warnings)
     app = FastAPI(
         title=settings.APP_NAME,
         version=settings.APP_VERSION,

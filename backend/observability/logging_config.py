@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 import orjson
@@ -291,3 +293,18 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         cache_logger_on_first_use=settings.ENVIRONMENT != "test",
     )
     _configured_key = key
+
+
+@contextmanager
+def warnings_held_for_logging() -> Iterator[list[warnings.WarningMessage]]:
+    """Hold the warnings raised in the block (e.g. while reading settings, before logging
+    exists); `replay_warnings` then issues them again, as log lines once configured."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield caught
+
+
+def replay_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Show held warnings through the current `warnings.showwarning` (logging, once configured)."""
+    for held in caught:
+        warnings.showwarning(held.message, held.category, held.filename, held.lineno)

@@ -173,6 +173,16 @@ class TestRequestTrace:
         assert line["version"] == "0.1.0"
         assert line["timestamp"].endswith("Z")
 
+    async def test_engine_is_instrumented_once(
+        self, app: FastAPI, exporter: InMemorySpanExporter
+    ) -> None:
+        tracing.instrument_engine(app.state.db.engine)  # a second call must not double spans
+        exporter.clear()
+        async with app.state.db.session() as session:
+            assert (await session.execute(text("SELECT 4242"))).scalar() == 4242
+        spans = [s for s in exporter.get_finished_spans() if "4242" in str(s.attributes)]
+        assert len(spans) == 1
+
     async def test_span_names_are_route_templates(
         self,
         client: httpx.AsyncClient,
@@ -654,6 +664,33 @@ class TestLogging:
         ]
         assert lines and lines[0]["logger"] == "py.warnings"
         assert lines[0]["level"] == "warning"
+
+    def test_settings_warnings_before_logging_come_out_as_log_lines(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        import warnings
+
+        from backend import config
+
+        monkeypatch.setattr(
+            config,
+            "get_settings",
+            lambda: Settings(_env_file=None, ENVIRONMENT="development"),  # type: ignore[call-arg]
+        )
+        monkeypatch.setattr("backend.api.main.get_settings", config.get_settings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            logging.captureWarnings(False)  # see test_python_warnings_become_log_lines
+            logging.captureWarnings(True)
+            capsys.readouterr()
+            try:
+                create_app()
+            finally:
+                output = capsys.readouterr().out
+                configure_logging(make_settings())
+        lines = [line for line in json_lines(output) if "SECRET_KEY" in line["event"]]
+        assert len(lines) == 1
+        assert lines[0]["environment"] == "development"
 
 
 class TestTracingHelpers:
