@@ -290,7 +290,13 @@ class TestRequestContext:
                     received += chunk
             assert received.count(b"HTTP/1.1 200") == 2
             assert received.count(b"HTTP/1.1 401") == 2
-        lines = [line for line in json_lines(server.output) if "request_id" in line]
+        # Every line the server wrote, uvicorn's included, is one JSON object, once.
+        printed = [line for line in server.output.splitlines() if line.strip()]
+        assert all(line.startswith("{") for line in printed), printed
+        every = json_lines(server.output)
+        assert len(events(every, "Application startup complete.")) == 1
+        assert not [line for line in every if line["logger"] == "uvicorn.access"]
+        lines = [line for line in every if "request_id" in line]
         for request_id, user in [
             ("pipe-1", "admin"),
             ("pipe-2", None),
