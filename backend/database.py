@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from backend.config import Settings
+from backend.observability.logging_config import format_trace_ids
 
 SLOW_QUERY_STATEMENT_CHARS = 1000
 # Attribute on SQLAlchemy's per-execution context; the execution context is discarded
@@ -113,12 +114,8 @@ def install_slow_query_listener(engine: AsyncEngine, threshold_ms: int) -> None:
         span.add_event("db.slow_query", fields)
         span_context = span.get_span_context()
         if span_context.is_valid:
-            trace_id = format(span_context.trace_id, "032x")
-            fields.update(
-                trace_id=trace_id,
-                span_id=format(span_context.span_id, "016x"),
-                xray_trace_id=f"1-{trace_id[:8]}-{trace_id[8:]}",
-            )
+            # The statement span's ids (a log line would otherwise carry the request's).
+            fields.update(format_trace_ids(span_context.trace_id, span_context.span_id))
         log.warning("db.slow_query", **fields)
 
 

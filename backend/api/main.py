@@ -93,13 +93,14 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Server-Timing"],
         )
-    # Middleware added above with add_middleware runs innermost-last. Security headers,
-    # body limits and rate limiting go here (add_middleware), in reverse order: they end
-    # up inside the two layers below.
+    # Security headers, body limits and rate limiting: add them here with add_middleware
+    # (Starlette runs the one added last outermost, so rate limit first, security headers
+    # last). Everything added with add_middleware runs inside the two layers below.
     #
     # The two outermost layers, outermost first (ARCHITECTURE.md "The path of a request"):
     #   1. the OpenTelemetry server span (so a 500 from the catch-all handler is an error span)
-    #   2. the request context (request id, log context, Server-Timing, the access line)
+    #   2. the request context (request id, log context, Server-Timing, the access line),
+    #      which also stamps the final 500 rendered by Starlette's ServerErrorMiddleware
     instrument_app(app)
     install_request_context(app, settings)
     return app
