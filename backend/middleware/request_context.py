@@ -165,8 +165,10 @@ class RequestContextMiddleware:
     ) -> None:
         duration_ms = round((time.perf_counter() - start) * 1000, 2)
         if status_code is None:
-            # No response went out: an exception (500) or a client that left (499).
-            status_code = 500 if isinstance(error, Exception) else 499
+            # No response went out: the client left (cancellation, logged as nginx's 499)
+            # or the application failed without answering (500).
+            cancelled = error is not None and not isinstance(error, Exception)
+            status_code = 499 if cancelled else 500
         path = scope.get("path", "")
         route = _route_template(None, scope)
         client = scope.get("client")

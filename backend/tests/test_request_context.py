@@ -6,6 +6,7 @@ the merge clean. Same subject: what a client and an operator see per request.)
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import uuid
@@ -49,6 +50,13 @@ def build(settings: Settings) -> FastAPI:
     async def boom() -> None:
         raise RuntimeError("kaboom")
 
+    application.state.hanging = asyncio.Event()
+
+    @application.get("/api/test/hang")
+    async def hang() -> None:
+        application.state.hanging.set()
+        await asyncio.Event().wait()  # until the client goes away
+
     @application.get("/api/test/ok")
     async def ok() -> dict[str, str]:
         structlog.get_logger("backend.tests").info("inside.route")
@@ -68,6 +76,24 @@ async def client_for(settings: Settings) -> tuple[FastAPI, httpx.AsyncClient]:
     application = build(settings)
     transport = httpx.ASGITransport(app=application, client=("192.0.2.1", 1234))
     return application, httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+def http_scope(path: str, request_id: str) -> dict[str, Any]:
+    """A plain ASGI HTTP scope, for calls an HTTP client would refuse to make."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"x-request-id", request_id.encode())],
+        "client": ("192.0.2.1", 1),
+        "server": ("testserver", 80),
+    }
 
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -111,21 +137,7 @@ class TestRequestContext:
         async def send(message: MutableMapping[str, Any]) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": "/api/test/ok",
-            "raw_path": b"/api/test/ok",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", b"testserver"), (b"x-request-id", request_id.encode())],
-            "client": ("192.0.2.1", 1),
-            "server": ("testserver", 80),
-        }
-        await app(scope, receive, send)
+        await app(http_scope("/api/test/ok", request_id), receive, send)
         start = sent[0]
         assert start["status"] == 200
         (echoed,) = [v for k, v in start["headers"] if k == b"x-request-id"]
@@ -237,6 +249,27 @@ class TestRequestContext:
         capsys.readouterr()
         await client.get("/api/test/ok")
         assert not events(json_lines(capsys.readouterr().out), "http.request.slow")
+
+    async def test_client_that_leaves_gets_one_access_line_with_499(
+        self, app: FastAPI, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # no body and no disconnect message: just hang
+            return {}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            raise AssertionError("nothing may be sent")
+
+        capsys.readouterr()
+        task = asyncio.ensure_future(app(http_scope("/api/test/hang", "gone-1"), receive, send))
+        await asyncio.wait_for(app.state.hanging.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        (line,) = events(json_lines(capsys.readouterr().out), "http.request.completed")
+        assert line["request_id"] == "gone-1"
+        assert line["status_code"] == 499
+        assert line["route"] == "/api/test/hang"
 
     async def test_request_context_does_not_outlive_the_request(
         self, client: httpx.AsyncClient
