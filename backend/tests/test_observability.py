@@ -675,7 +675,7 @@ class TestLogging:
         monkeypatch.setattr(
             config,
             "get_settings",
-            lambda: Settings(_env_file=None, ENVIRONMENT="development"),  # type: ignore[call-arg]
+            lambda: Settings(_env_file=None, ENVIRONMENT="development"),
         )
         monkeypatch.setattr("backend.api.main.get_settings", config.get_settings)
         with warnings.catch_warnings():
