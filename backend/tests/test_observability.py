@@ -636,6 +636,27 @@ class TestLogging:
         assert rendered == ["str"]
         assert events(json_lines(capsys.readouterr().out), "kept")[0]["value"] == "expensive"
 
+    def test_cached_loggers_outside_tests_render_the_same(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        configure_logging(make_settings(ENVIRONMENT="production"))
+        try:
+            log = structlog.get_logger("backend.tests.cached")
+            capsys.readouterr()
+            log.info("cached.first", n=1)
+            log.debug("cached.filtered")
+            log.info("cached.second", token="t-123")
+            lines = json_lines(capsys.readouterr().out)
+        finally:
+            configure_logging(make_settings())
+        assert [line["event"] for line in lines if line["logger"] == "backend.tests.cached"] == [
+            "cached.first",
+            "cached.second",
+        ]
+        (second,) = events(lines, "cached.second")
+        assert second["token"] == "[REDACTED]"
+        assert second["environment"] == "production"
+
     def test_text_format_and_no_timestamp(self, capsys: pytest.CaptureFixture[str]) -> None:
         configure_logging(make_settings(LOG_FORMAT="text", LOG_INCLUDE_TIMESTAMP=False))
         try:
