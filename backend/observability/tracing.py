@@ -370,13 +370,15 @@ class Tracing:
         self.processor = build_span_processor(self.settings, self.span_exporter)
         if self.processor is not None:
             _router.add(self.processor)
+        if self.processor is None:
+            exporter = "none"
+        elif self.span_exporter is not None:
+            exporter = "injected"
+        else:
+            exporter = self.settings.OTEL_TRACES_EXPORTER
         logger.info(
             "tracing.started",
-            exporter=(
-                "injected" if self.span_exporter is not None else self.settings.OTEL_TRACES_EXPORTER
-            )
-            if self.processor is not None
-            else "none",
+            exporter=exporter,
             protocol=self.settings.OTEL_EXPORTER_OTLP_PROTOCOL,
             endpoint=self.settings.OTEL_EXPORTER_OTLP_ENDPOINT or None,
         )
