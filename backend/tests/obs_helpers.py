@@ -115,7 +115,10 @@ ROOT = Path(__file__).resolve().parents[2]
 class Uvicorn:
     """`uvicorn backend.api.main:app` in a subprocess on a free port; always stopped."""
 
-    def __init__(self, env: dict[str, str], workers: int = 1) -> None:
+    def __init__(
+        self, env: dict[str, str], workers: int = 1, app: str = "backend.api.main:app"
+    ) -> None:
+        self.app = app
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
@@ -124,7 +127,7 @@ class Uvicorn:
         self.process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Uvicorn:
-        command = [sys.executable, "-m", "uvicorn", "backend.api.main:app"]
+        command = [sys.executable, "-m", "uvicorn", self.app]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
         if self.workers > 1:
             command += ["--workers", str(self.workers)]

@@ -278,6 +278,32 @@ class TestRequestContext:
         await client.get("/api/test/ok", headers={"X-Request-ID": "gone-after"})
         assert structlog.contextvars.get_contextvars() == {}
 
+    def test_real_server_500_is_logged_once_structured(self, clean_db: str) -> None:
+        env = {
+            "ENVIRONMENT": "test",
+            "SECRET_KEY": TEST_SECRET,
+            "DATABASE_URL": clean_db,
+            "ADMIN_PASSWORD": ADMIN_PASSWORD,
+        }
+        with Uvicorn(env, app="backend.tests.boom_app:app") as server:
+            response = httpx.get(
+                f"{server.base_url}/api/test/boom", headers={"X-Request-ID": "real-500"}, timeout=10
+            )
+            assert response.status_code == 500
+            assert response.headers["x-request-id"] == "real-500"
+            assert response.json()["error"]["request_id"] == "real-500"
+        assert "kaboom in a real server" not in response.text
+        # One structured error line with the traceback, one access line; no plain
+        # "Exception in ASGI application" traceback from uvicorn on top.
+        assert server.output.count("kaboom in a real server") == 1
+        assert "Exception in ASGI application" not in server.output
+        lines = json_lines(server.output)
+        (error,) = events(lines, "http.unhandled_exception")
+        (access,) = events(lines, "http.request.completed", request_id="real-500")
+        assert error["request_id"] == access["request_id"] == "real-500"
+        assert error["trace_id"] == access["trace_id"]
+        assert access["status_code"] == 500
+
     def test_pipelined_requests_on_one_connection_do_not_share_context(self, clean_db: str) -> None:
         env = {
             "ENVIRONMENT": "test",
