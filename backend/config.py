@@ -39,10 +39,11 @@ PLACEHOLDER_SECRETS = frozenset(
 MIN_SECRET_KEY_LENGTH = 32
 
 # The 50 states and DC: the default ELIGIBILITY_ALLOWED_STATES.
-US_STATES = tuple(
+_STATE_CODES = (
     "AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE "
-    "NV NH NJ NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY".split()  # noqa: SIM905
+    "NV NH NJ NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY"
 )
+US_STATES = tuple(_STATE_CODES.split())
 
 
 class ConfigurationError(RuntimeError):
