@@ -14,7 +14,9 @@ from backend.auth.routes import router as auth_router
 from backend.config import Settings, get_settings
 from backend.database import Database
 from backend.errors import install_error_handlers
+from backend.files.routes import router as files_router
 from backend.observability.health import router as health_router
+from backend.storage import create_storage
 from backend.users import service as users_service
 from backend.users.routes import router as users_router
 
@@ -35,11 +37,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     database = Database(settings)
     app.state.db = database
+    storage = create_storage(settings)
+    app.state.storage = storage
     await seed_admin(database, settings)
     logger.info("app.started", environment=settings.ENVIRONMENT, version=settings.APP_VERSION)
     try:
         yield
     finally:
+        await storage.close()
         await database.dispose()
         logger.info("app.stopped")
 
@@ -58,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(users_router)
+    app.include_router(files_router)
     if settings.CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,

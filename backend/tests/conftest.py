@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -92,8 +93,9 @@ async def clean_db(migrated_database: str) -> str:
 
 
 @pytest.fixture
-def settings(clean_db: str) -> Settings:
-    return make_settings(DATABASE_URL=clean_db)
+def settings(clean_db: str, tmp_path: Path) -> Settings:
+    # Local storage under the test's own folder: never the repository's ./var.
+    return make_settings(DATABASE_URL=clean_db, STORAGE_LOCAL_ROOT=str(tmp_path / "storage"))
 
 
 @pytest.fixture
