@@ -16,6 +16,8 @@ from backend.database import Database
 from backend.errors import install_error_handlers
 from backend.files.routes import router as files_router
 from backend.observability.health import router as health_router
+from backend.pipeline.routes import router as pipeline_router
+from backend.pipeline.runner import PipelineRunner
 from backend.storage import create_storage
 from backend.users import service as users_service
 from backend.users.routes import router as users_router
@@ -39,11 +41,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.db = database
     storage = create_storage(settings)
     app.state.storage = storage
+    runner = PipelineRunner(database, storage, settings)
+    app.state.runner = runner
     await seed_admin(database, settings)
+    await runner.recover()
     logger.info("app.started", environment=settings.ENVIRONMENT, version=settings.APP_VERSION)
     try:
         yield
     finally:
+        # Runs need the database and storage: drain them before either goes away.
+        await runner.shutdown(settings.PIPELINE_DRAIN_SECONDS)
         await storage.close()
         await database.dispose()
         logger.info("app.stopped")
@@ -64,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth_router)
     app.include_router(users_router)
     app.include_router(files_router)
+    app.include_router(pipeline_router)
     if settings.CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,
