@@ -106,7 +106,32 @@ class PipelineRunner:
                 if not task.cancelling():
                     task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
-        logger.info("pipeline.runner.stopped", drained=len(tasks))
+            # A task cancelled before its first step never ran its own clean-up.
+            await self._interrupt_leftovers(list(tasks))
+        logger.info("pipeline.runner.stopped", runs=len(tasks))
+
+    async def join(self) -> None:
+        """Wait until every submitted run has finished (for tools and benchmarks)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    async def _interrupt_leftovers(self, run_ids: list[uuid.UUID]) -> None:
+        try:
+            async with self.database.session() as session:
+                await session.execute(
+                    update(PipelineRun)
+                    .where(
+                        PipelineRun.id.in_(run_ids),
+                        PipelineRun.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]),
+                    )
+                    .values(
+                        status=RunStatus.INTERRUPTED,
+                        finished_at=datetime.now(UTC),
+                        error_message=INTERRUPTED_MESSAGE,
+                    )
+                )
+        except Exception:
+            logger.exception("pipeline.runner.interrupt_failed")
 
     async def _run(self, run_id: uuid.UUID) -> None:
         structlog.contextvars.bind_contextvars(run_id=str(run_id))
