@@ -58,11 +58,16 @@ class IngestPhase(BasePhase):
         self._chunks = aiter(ctx.storage.open(ctx.input_path))
         if ctx.input_path.lower().endswith(".gz"):
             self._gunzip = zlib.decompressobj(wbits=31)
-        while not self._records and not self._eof:
-            await self._read_more()
-        if not self._records:
-            raise PipelineFailure("The tape is empty: it has no header row")
-        ctx.header = [name.strip() for name in self._records.popleft()]
+        header: list[str] = []
+        while not header:
+            while not self._records and not self._eof:
+                await self._read_more()
+            if not self._records:
+                raise PipelineFailure("The tape is empty: it has no header row")
+            header = self._records.popleft()  # blank lines before the header are skipped
+            if header == [""]:
+                header = []
+        ctx.header = [name.strip() for name in header]
         ctx.extra["bytes_read"] = self._bytes_read
 
     async def process(self, batch: Batch, ctx: RunContext) -> None:
