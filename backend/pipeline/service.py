@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,8 +19,6 @@ from backend.models import (
 )
 from backend.pagination import PageParams
 from backend.storage import Storage, parse_path
-
-T = TypeVar("T")
 
 
 class RunNotFound(NotFound):
@@ -52,8 +50,8 @@ async def create_run(
 
 
 async def _page(
-    session: AsyncSession, query: Select[tuple[T]], page: PageParams, *order: Any
-) -> tuple[list[T], int]:
+    session: AsyncSession, query: Select[Any], page: PageParams, *order: Any
+) -> tuple[list[Any], int]:
     total = await session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = await session.scalars(query.order_by(*order).limit(page.limit).offset(page.offset))
     return list(rows), total

@@ -183,7 +183,7 @@ class S3Storage:
         paginator = self.client.get_paginator("list_objects_v2")
         found: list[dict[str, Any]] = []
         for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
-            found.extend(page.get("Contents", []))
+            found.extend(dict(obj) for obj in page.get("Contents", []))
         return found
 
     async def list(

@@ -61,7 +61,7 @@ async def ingest_all(
     ctx = context(settings, storage, path=f"inputs/{name}")
     phase = IngestPhase()
     await phase.start(ctx)
-    batches = []
+    batches: list[Batch] = []
     while not ctx.exhausted:
         batch = Batch(index=len(batches))
         await phase.process(batch, ctx)

@@ -133,11 +133,11 @@ class PersistPhase(BasePhase):
         assert self._conn is not None
         if facts:
             await self._conn.execute(
-                insert(LoanFact.__table__), [dict(zip(FACT_COLUMNS, f, strict=True)) for f in facts]
+                insert(LoanFact), [dict(zip(FACT_COLUMNS, f, strict=True)) for f in facts]
             )
         if problems:
             await self._conn.execute(
-                insert(LoanException.__table__),
+                insert(LoanException),
                 [dict(zip(EXCEPTION_COLUMNS, p, strict=True)) for p in problems],
             )
 

@@ -62,8 +62,8 @@ class ReportPhase(BasePhase):
         handle = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in _close)
             max_size=SPOOL_BYTES, mode="w+", newline="", encoding="utf-8"
         )
-        self._files.append(handle)  # type: ignore[arg-type]
-        return handle  # type: ignore[return-value]
+        self._files.append(handle)
+        return handle
 
     async def start(self, ctx: RunContext) -> None:
         self._eligible = csv.writer(self._spool())
