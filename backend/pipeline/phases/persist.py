@@ -1,13 +1,19 @@
 """Phase 6, persist: LoanFact and LoanException rows in bulk, in one transaction per run.
 
 PostgreSQL takes each batch with binary COPY on the raw asyncpg connection
-(`copy_records_to_table`); other databases get one multi-row INSERT per
-batch. Either way nothing is committed until `finish`, so a run that fails
-part-way leaves no facts behind.
+(`copy_records_to_table`), and the COPY of one batch overlaps the parsing and
+checking of the next (one COPY in flight at a time, so memory stays at two
+batches); the phase's duration is then the time the run waited on the
+database. Other databases get one multi-row INSERT per batch. Either way
+nothing is committed until `finish`, so a run that fails part-way leaves no
+facts behind.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from decimal import Decimal
 from typing import Any
 
 import anyio
@@ -63,6 +69,7 @@ class PersistPhase(BasePhase):
         self._copy: Any = None  # the asyncpg connection when COPY is available
         self._transaction: Any = None
         self._seq = 0
+        self._inflight: asyncio.Task[None] | None = None
 
     async def start(self, ctx: RunContext) -> None:
         self._conn = await ctx.database.engine.connect()
@@ -78,25 +85,28 @@ class PersistPhase(BasePhase):
 
     async def process(self, batch: Batch, ctx: RunContext) -> None:
         run_id = ctx.run_id
+        # Money columns are NUMERIC. Values are already rounded, so repr() is short and
+        # exact; asyncpg encodes such a Decimal about 3x faster than it encodes a float.
+        D = Decimal  # noqa: N806 (a local alias in the hot loop)
         facts = [
             (
                 run_id,
                 r.row_number,
                 r.loan_id,
                 r.borrower_id,
-                r.amount,
-                r.rate,
+                D(repr(r.amount)),
+                D(repr(r.rate)),
                 r.term_months,
                 r.credit_score,
-                r.annual_income,
-                r.monthly_debt,
-                r.property_value,
+                D(repr(r.annual_income)),
+                D(repr(r.monthly_debt)),
+                D(repr(r.property_value)),
                 r.state,
                 r.property_type,
                 r.occupancy,
                 r.origination_date,
                 r.sales_team,
-                r.monthly_payment,
+                D(repr(r.monthly_payment)),
                 r.ltv,
                 r.dti,
                 r.grade,
@@ -121,14 +131,8 @@ class PersistPhase(BasePhase):
         self._seq += len(problems)
         ctx.counts.exceptions += len(problems)
         if self._copy is not None:
-            if facts:
-                await self._copy.copy_records_to_table(
-                    "loan_facts", records=facts, columns=FACT_COLUMNS
-                )
-            if problems:
-                await self._copy.copy_records_to_table(
-                    "loan_exceptions", records=problems, columns=EXCEPTION_COLUMNS
-                )
+            await self._wait_inflight()
+            self._inflight = asyncio.create_task(self._copy_batch(facts, problems))
             return
         assert self._conn is not None
         if facts:
@@ -141,7 +145,26 @@ class PersistPhase(BasePhase):
                 [dict(zip(EXCEPTION_COLUMNS, p, strict=True)) for p in problems],
             )
 
+    async def _copy_batch(
+        self, facts: list[tuple[Any, ...]], problems: list[tuple[Any, ...]]
+    ) -> None:
+        if facts:
+            await self._copy.copy_records_to_table(
+                "loan_facts", records=facts, columns=FACT_COLUMNS
+            )
+        if problems:
+            await self._copy.copy_records_to_table(
+                "loan_exceptions", records=problems, columns=EXCEPTION_COLUMNS
+            )
+
+    async def _wait_inflight(self) -> None:
+        """Wait for the previous batch's COPY; its error, if any, surfaces here."""
+        if self._inflight is not None:
+            task, self._inflight = self._inflight, None
+            await task
+
     async def finish(self, ctx: RunContext) -> None:
+        await self._wait_inflight()
         await self._transaction.commit()
         self._transaction = None
         await self._release()
@@ -149,6 +172,11 @@ class PersistPhase(BasePhase):
     async def abort(self, ctx: RunContext) -> None:
         # Shielded: this runs while the run is being cancelled, and must still roll back.
         with anyio.CancelScope(shield=True):
+            if self._inflight is not None:
+                self._inflight.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._inflight
+                self._inflight = None
             try:
                 if self._transaction is not None:
                     await self._transaction.rollback()
