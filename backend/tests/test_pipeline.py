@@ -455,3 +455,69 @@ async def test_runs_left_running_become_interrupted_at_startup(app: FastAPI, set
         async with database.session() as session:
             assert (await session.get(PipelineRun, stale.id)).status == RunStatus.INTERRUPTED  # type: ignore[union-attr]
             assert (await session.get(PipelineRun, done.id)).status == RunStatus.COMPLETED  # type: ignore[union-attr]
+
+
+class HeldReport(ReportPhase):
+    """Stops the run inside its first batch, after persist has sent that batch."""
+
+    reached: asyncio.Event
+    never: asyncio.Event
+
+    async def process(self, batch: Any, ctx: RunContext) -> None:
+        self.reached.set()
+        await self.never.wait()
+
+
+async def test_a_run_cut_off_mid_batch_is_interrupted_with_no_facts(
+    client: httpx.AsyncClient, analyst: dict[str, str], app: FastAPI
+) -> None:
+    reached, never = asyncio.Event(), asyncio.Event()
+
+    def phases() -> list[Phase]:
+        held = HeldReport()
+        held.reached, held.never = reached, never
+        return [*default_phases()[:-1], held]
+
+    app.state.runner.engine.phases = phases
+    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    run_id = await start(client, analyst, path)
+    await asyncio.wait_for(reached.wait(), DEADLINE_SECONDS)
+    await app.state.runner.shutdown(drain_seconds=0)
+    run = (await client.get(f"/api/pipeline/runs/{run_id}", headers=analyst)).json()
+    assert (run["status"], run["error_message"]) == ("interrupted", INTERRUPTED_MESSAGE)
+    facts = await client.get(f"/api/pipeline/runs/{run_id}/facts", headers=analyst)
+    assert facts.json()["total"] == 0
+    # The pool still works: the persist connection was rolled back or discarded.
+    database: Database = app.state.db
+    async with database.session() as session:
+        assert await session.scalar(select(func.count()).select_from(LoanFact)) == 0
+
+
+async def test_pipeline_on_s3_storage(clean_db: str, s3_bucket: str, moto_endpoint: str) -> None:
+    from backend.api.main import create_app
+    from backend.tests.conftest import ADMIN_PASSWORD, bearer, login, make_settings
+
+    settings = make_settings(
+        DATABASE_URL=clean_db,
+        STORAGE_TYPE="s3",
+        S3_BUCKET=s3_bucket,
+        S3_ENDPOINT_URL=moto_endpoint,
+        PIPELINE_BATCH_SIZE=3,
+    )
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            headers = bearer(await login(client, "admin", ADMIN_PASSWORD))
+            path = await upload(client, headers, "known.csv", KNOWN_TAPE)
+            run = await wait_until(client, headers, await start(client, headers, path))
+            assert (run["status"], run["total_loans"], run["eligible_loans"]) == (
+                "completed",
+                14,
+                4,
+            )
+            assert run["exception_count"] == 12
+            summary = json.loads(
+                await download(client, headers, f"{run['output_prefix']}summary.json")
+            )
+            assert summary["counts"]["rejected"] == 4

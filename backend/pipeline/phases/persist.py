@@ -172,21 +172,30 @@ class PersistPhase(BasePhase):
     async def abort(self, ctx: RunContext) -> None:
         # Shielded: this runs while the run is being cancelled, and must still roll back.
         with anyio.CancelScope(shield=True):
+            trusted = True
             if self._inflight is not None:
-                self._inflight.cancel()
+                if not self._inflight.done():
+                    # A COPY cut off mid-stream leaves the protocol state unknown.
+                    trusted = False
+                    self._inflight.cancel()
                 with contextlib.suppress(BaseException):
                     await self._inflight
                 self._inflight = None
             try:
-                if self._transaction is not None:
+                if self._transaction is not None and trusted:
                     await self._transaction.rollback()
             except Exception as exc:
+                trusted = False
                 logger.warning("pipeline.persist.rollback_failed", error_type=type(exc).__name__)
             finally:
                 self._transaction = None
-                await self._release()
+                await self._release(trusted)
 
-    async def _release(self) -> None:
+    async def _release(self, trusted: bool = True) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
+            if not trusted:
+                # Never hand a connection in an unknown state back to the pool: closing
+                # it ends the server session, and with it the uncommitted transaction.
+                await conn.invalidate()
             await conn.close()
