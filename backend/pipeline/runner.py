@@ -138,7 +138,11 @@ class PipelineRunner:
         try:
             async with self._slots:
                 if not self._accepting:
-                    raise asyncio.CancelledError
+                    # Shutdown began while this run waited for a slot: it never starts.
+                    await self._finish_unsuccessfully(
+                        run_id, RunStatus.INTERRUPTED, INTERRUPTED_MESSAGE
+                    )
+                    return
                 input_path = await self._mark_running(run_id)
                 if input_path is None:
                     return
