@@ -6,7 +6,7 @@ from typing import Annotated
 from urllib.parse import quote
 
 import structlog
-from fastapi import APIRouter, File, Query, UploadFile, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import Response, StreamingResponse
 
 from backend.api.dependencies import (
@@ -17,6 +17,7 @@ from backend.api.dependencies import (
     StorageDep,
 )
 from backend.files import service
+from backend.files.multipart import FileFieldStream
 from backend.files.schemas import FileRead, UploadResult
 from backend.pagination import Page, PageDep
 from backend.storage.base import Area
@@ -27,16 +28,51 @@ router = APIRouter(prefix="/api/files", tags=["files"])
 PathQuery = Annotated[str, Query(min_length=1, max_length=1024, description="`<area>/<key>`")]
 
 
-@router.post("/upload", status_code=status.HTTP_201_CREATED, response_model=UploadResult)
+# The body is parsed by hand (see files/multipart.py), so describe it for the docs.
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "A CSV tape (.csv or .csv.gz)",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/upload",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UploadResult,
+    openapi_extra=UPLOAD_BODY,
+)
 async def upload_file(
-    file: Annotated[UploadFile, File(description="A CSV tape (.csv or .csv.gz)")],
+    request: Request,
     _user: AnalystUser,
     storage: StorageDep,
     settings: SettingsDep,
     overwrite: bool = False,
 ) -> UploadResult:
+    # Dependencies (auth included) run before a byte of the body is read.
+    body = FileFieldStream(request, "file")
+    filename = await body.start()
     path, size, sha256 = await service.store_upload(
-        storage, file, overwrite=overwrite, max_upload_mb=settings.MAX_UPLOAD_SIZE_MB
+        storage,
+        filename,
+        body.chunks(),
+        overwrite=overwrite,
+        max_upload_mb=settings.MAX_UPLOAD_SIZE_MB,
     )
     return UploadResult(path=path, name=path.rsplit("/", 1)[-1], size=size, sha256=sha256)
 

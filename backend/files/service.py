@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
-from fastapi import UploadFile
 
 from backend.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from backend.storage.base import CHUNK_SIZE, Storage, sanitize_filename
@@ -77,12 +76,12 @@ class _Tally:
 
 
 async def _checked_chunks(
-    upload: UploadFile, *, gzipped: bool, max_bytes: int, tally: _Tally
+    source: AsyncIterator[bytes], *, gzipped: bool, max_bytes: int, tally: _Tally
 ) -> AsyncIterator[bytes]:
     """The upload's bytes, checked as they pass; raising here aborts the save."""
     digest = hashlib.sha256()
     first = True
-    while chunk := await upload.read(CHUNK_SIZE):
+    async for chunk in _rechunk(source):
         if first:
             if not looks_like_csv(chunk, gzipped=gzipped):
                 raise NotCsv("The file content is not CSV text")
@@ -97,18 +96,36 @@ async def _checked_chunks(
     tally.sha256 = digest.hexdigest()
 
 
+async def _rechunk(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Network-sized pieces regrouped into CHUNK_SIZE chunks (the last may be shorter),
+    so the content sniff sees a full first chunk and storage gets few large writes."""
+    buffer = bytearray()
+    async for piece in source:
+        buffer += piece
+        while len(buffer) >= CHUNK_SIZE:
+            yield bytes(buffer[:CHUNK_SIZE])
+            del buffer[:CHUNK_SIZE]
+    if buffer:
+        yield bytes(buffer)
+
+
 async def store_upload(
-    storage: Storage, upload: UploadFile, *, overwrite: bool, max_upload_mb: int
+    storage: Storage,
+    filename: str | None,
+    source: AsyncIterator[bytes],
+    *,
+    overwrite: bool,
+    max_upload_mb: int,
 ) -> tuple[str, int, str]:
     """Stream a checked upload into `inputs/`; returns (path, size, sha256).
 
     Any failure (too large, not CSV, empty, client gone) leaves nothing stored.
     """
-    name = check_name(upload.filename)
+    name = check_name(filename)
     path = f"inputs/{name}"
     tally = _Tally()
     chunks = _checked_chunks(
-        upload,
+        source,
         gzipped=name.lower().endswith(".gz"),
         max_bytes=max_upload_mb * 1024 * 1024,
         tally=tally,

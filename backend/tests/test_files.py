@@ -236,3 +236,116 @@ async def test_files_api_on_s3(clean_db: str, s3_bucket: str, moto_endpoint: str
         )
         assert deleted.status_code == 204
         assert (await client.get("/api/files", headers=headers)).json()["total"] == 0
+
+
+BOUNDARY = "loan-engine-test-boundary"
+
+
+def multipart_parts(name: str, content: bytes, piece: int = 64 * 1024) -> list[bytes]:
+    """A multipart body (a text field, then the file) cut into network-sized pieces."""
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: text/csv\r\n\r\n"
+    ).encode()
+    body = head + content + f"\r\n--{BOUNDARY}--\r\n".encode()
+    return [body[i : i + piece] for i in range(0, len(body), piece)]
+
+
+class CountingBody:
+    """An async request body that records how many pieces the server pulled."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.pulled = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            self.pulled += 1
+            yield part
+
+
+def raw_upload(client: httpx.AsyncClient, headers: dict[str, str], body: Any, **params: Any) -> Any:
+    return client.post(
+        "/api/files/upload",
+        content=body,
+        params=params,
+        headers={**headers, "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+    )
+
+
+async def test_streamed_upload_in_small_pieces(
+    client: httpx.AsyncClient, analyst: dict[str, str], settings: Settings
+) -> None:
+    content = b"loan_id,amount\n" + b"".join(b"L%07d,1000\n" % i for i in range(300_000))
+    body = CountingBody(multipart_parts("pieces.csv", content, piece=7_001))
+    response = await raw_upload(client, analyst, body)
+    assert response.status_code == 201, response.text
+    assert response.json()["sha256"] == hashlib.sha256(content).hexdigest()
+    assert (Path(settings.STORAGE_LOCAL_ROOT) / "inputs" / "pieces.csv").read_bytes() == content
+
+
+async def test_oversized_upload_stops_reading_the_body(tmp_path: Path, clean_db: str) -> None:
+    settings = make_settings(
+        DATABASE_URL=clean_db, STORAGE_LOCAL_ROOT=str(tmp_path / "s"), MAX_UPLOAD_SIZE_MB=1
+    )
+    content = b"loan_id,amount\n" + b"L0000001,123456.78\n" * 500_000  # ~9.5 MB
+    body = CountingBody(multipart_parts("huge.csv", content))
+    async with serve(settings) as client:
+        headers = bearer(await login(client, "admin", ADMIN_PASSWORD))
+        response = await raw_upload(client, headers, body)
+    assert response.status_code == 413
+    # Refused after about 1 MB (plus one chunk), not after the whole 9.5 MB.
+    assert body.pulled * 64 * 1024 < 3 * 1024 * 1024 < len(content)
+    assert list((tmp_path / "s" / "inputs").iterdir()) == []
+    assert list((tmp_path / "s" / PARTIAL_DIR).iterdir()) == []
+
+
+async def test_conflict_is_answered_before_the_body_is_read(
+    client: httpx.AsyncClient, analyst: dict[str, str]
+) -> None:
+    assert (await upload(client, analyst, "taken.csv", CSV)).status_code == 201
+    body = CountingBody(multipart_parts("taken.csv", CSV * 100_000))
+    response = await raw_upload(client, analyst, body)
+    assert response.status_code == 409
+    assert body.pulled == 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        ("application/json", b'{"file": "x"}', 415),
+        ("multipart/form-data", b"--x\r\n", 415),  # no boundary
+        (
+            f"multipart/form-data; boundary={BOUNDARY}",
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="other"\r\n\r\nv\r\n'
+            f"--{BOUNDARY}--\r\n".encode(),
+            400,
+        ),
+        (
+            f"multipart/form-data; boundary={BOUNDARY}",
+            b"".join(multipart_parts("cut.csv", CSV))[:-40],  # the body ends inside the file
+            400,
+        ),
+    ],
+)
+async def test_malformed_upload_bodies(
+    client: httpx.AsyncClient,
+    analyst: dict[str, str],
+    settings: Settings,
+    content_type: str,
+    body: bytes,
+    status: int,
+) -> None:
+    response = await client.post(
+        "/api/files/upload", content=body, headers={**analyst, "Content-Type": content_type}
+    )
+    assert response.status_code == status, response.text
+    assert list((Path(settings.STORAGE_LOCAL_ROOT) / "inputs").iterdir()) == []
+
+
+async def test_unauthenticated_upload_is_refused_unread(client: httpx.AsyncClient) -> None:
+    body = CountingBody(multipart_parts("a.csv", CSV))
+    response = await raw_upload(client, {}, body)
+    assert response.status_code == 401
+    assert body.pulled == 0
