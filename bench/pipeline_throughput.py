@@ -44,7 +44,7 @@ def peak_rss_mb() -> float:
 
 
 async def bench(url: str, rows: int, root: Path) -> int:
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         _env_file=None,
         ENVIRONMENT="test",
         SECRET_KEY=uuid.uuid4().hex * 2,
