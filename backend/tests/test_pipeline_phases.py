@@ -437,3 +437,17 @@ async def test_engine_on_sqlite_uses_plain_inserts(tmp_path: Path) -> None:
         assert json.loads(summary)["counts"]["eligible"] == 1
     finally:
         await database.dispose()
+
+
+def test_pipeline_settings_defaults_and_bounds() -> None:
+    from pydantic import ValidationError
+
+    settings = make_settings()
+    assert (settings.PIPELINE_MAX_CONCURRENT_RUNS, settings.PIPELINE_DRAIN_SECONDS) == (2, 30)
+    assert settings.ELIGIBILITY_ALLOWED_TERMS == [120, 180, 240, 360]
+    assert len(settings.ELIGIBILITY_ALLOWED_STATES) == 51
+    for bad in ({"PIPELINE_MAX_CONCURRENT_RUNS": 0}, {"PIPELINE_BATCH_SIZE": 0}):
+        with pytest.raises(ValidationError):
+            make_settings(**bad)
+    with pytest.raises(ValidationError):
+        make_settings(ELIGIBILITY_ALLOWED_TERMS="120,thirty")
