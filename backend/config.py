@@ -38,6 +38,13 @@ PLACEHOLDER_SECRETS = frozenset(
 )
 MIN_SECRET_KEY_LENGTH = 32
 
+# The 50 states and DC: the default ELIGIBILITY_ALLOWED_STATES.
+_STATE_CODES = (
+    "AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE "
+    "NV NH NJ NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY"
+)
+US_STATES = tuple(_STATE_CODES.split())
+
 
 class ConfigurationError(RuntimeError):
     """The configuration is unsafe or inconsistent; the service must not start."""
@@ -163,9 +170,40 @@ class Settings(BaseSettings):
     TRACE_UI_URL: str = "http://localhost:16686"
     AWS_REGION: str = "us-east-1"
 
+    # Pipeline
+    PIPELINE_MAX_CONCURRENT_RUNS: int = Field(default=2, ge=1, le=64)
+    PIPELINE_BATCH_SIZE: int = Field(default=5000, ge=1, le=100_000)
+    PIPELINE_DRAIN_SECONDS: float = Field(default=30, ge=0)
+    ELIGIBILITY_MIN_CREDIT_SCORE: int = Field(default=620, ge=300, le=850)
+    ELIGIBILITY_MAX_DTI: float = Field(default=0.43, gt=0)
+    ELIGIBILITY_MAX_LTV: float = Field(default=0.97, gt=0)
+    ELIGIBILITY_MAX_AMOUNT: float = Field(default=766_550, gt=0)
+    ELIGIBILITY_ALLOWED_TERMS: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [120, 180, 240, 360]
+    )
+    ELIGIBILITY_ALLOWED_PROPERTY_TYPES: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["SFR", "CONDO", "TOWNHOUSE", "PUD", "2-4 UNIT"]
+    )
+    ELIGIBILITY_ALLOWED_STATES: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(US_STATES)
+    )
+
     _split = field_validator(
-        "CORS_ORIGINS", "TRUSTED_HOSTS", "TRUSTED_PROXIES", "OTEL_PROPAGATORS", mode="before"
+        "CORS_ORIGINS",
+        "TRUSTED_HOSTS",
+        "TRUSTED_PROXIES",
+        "ELIGIBILITY_ALLOWED_TERMS",
+        "ELIGIBILITY_ALLOWED_PROPERTY_TYPES",
+        "ELIGIBILITY_ALLOWED_STATES",
+        "OTEL_PROPAGATORS",
+        mode="before",
     )(_split_csv)
+
+    @field_validator("ELIGIBILITY_ALLOWED_PROPERTY_TYPES", "ELIGIBILITY_ALLOWED_STATES")
+    @classmethod
+    def _upper_codes(cls, value: list[str]) -> list[str]:
+        """Compared against normalized (upper-case) tape values, so stored upper-case."""
+        return [item.strip().upper() for item in value if item.strip()]
 
     @field_validator("DATABASE_URL")
     @classmethod

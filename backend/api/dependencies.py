@@ -16,6 +16,8 @@ from backend.config import Settings
 from backend.database import Database
 from backend.errors import Forbidden, Unauthorized
 from backend.models import Role, User
+from backend.pipeline.runner import PipelineRunner
+from backend.storage import Storage
 
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/auth/login", auto_error=False)
 
@@ -30,8 +32,20 @@ def get_database(request: Request) -> Database:
     return database
 
 
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_runner(request: Request) -> PipelineRunner:
+    runner: PipelineRunner = request.app.state.runner
+    return runner
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+RunnerDep = Annotated[PipelineRunner, Depends(get_runner)]
 
 
 async def get_session(database: DatabaseDep) -> AsyncIterator[AsyncSession]:

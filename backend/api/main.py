@@ -15,6 +15,7 @@ from backend.auth.routes import router as auth_router
 from backend.config import Settings, get_settings
 from backend.database import Database
 from backend.errors import install_error_handlers
+from backend.files.routes import router as files_router
 from backend.middleware.request_context import install_request_context
 from backend.observability.health import router as health_router
 from backend.observability.logging_config import (
@@ -23,6 +24,9 @@ from backend.observability.logging_config import (
     warnings_held_for_logging,
 )
 from backend.observability.tracing import Tracing, instrument_app, instrument_engine
+from backend.pipeline.routes import router as pipeline_router
+from backend.pipeline.runner import PipelineRunner
+from backend.storage import create_storage
 from backend.users import service as users_service
 from backend.users.routes import router as users_router
 
@@ -48,11 +52,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     database = Database(settings)
     instrument_engine(database.engine)
     app.state.db = database
+    storage = create_storage(settings)
+    app.state.storage = storage
+    runner = PipelineRunner(database, storage, settings)
+    app.state.runner = runner
     await seed_admin(database, settings)
+    await runner.recover()
     logger.info("app.started", environment=settings.ENVIRONMENT, version=settings.APP_VERSION)
     try:
         yield
     finally:
+        # Runs need the database and storage: drain them before either goes away.
+        await runner.shutdown(settings.PIPELINE_DRAIN_SECONDS)
+        await storage.close()
         await database.dispose()
         logger.info("app.stopped")
         # Last, so spans of the shutdown itself are exported; bounded, never hangs.
@@ -84,6 +96,8 @@ def create_app(
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(users_router)
+    app.include_router(files_router)
+    app.include_router(pipeline_router)
     if settings.CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from moto.server import ThreadedMotoServer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -91,8 +93,9 @@ async def clean_db(migrated_database: str) -> str:
 
 
 @pytest.fixture
-def settings(clean_db: str) -> Settings:
-    return make_settings(DATABASE_URL=clean_db)
+def settings(clean_db: str, tmp_path: Path) -> Settings:
+    # Local storage under the test's own folder: never the repository's ./var.
+    return make_settings(DATABASE_URL=clean_db, STORAGE_LOCAL_ROOT=str(tmp_path / "storage"))
 
 
 @pytest.fixture
@@ -154,3 +157,32 @@ def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> UserF
         return {"id": user_id, "username": username, "password": password, "headers": bearer(token)}
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A real S3 HTTP API (moto's standalone server) on a free local port."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, empty bucket on the moto server; boto3 finds its credentials in the env."""
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    name = f"loan-engine-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_endpoint)
+    client.create_bucket(Bucket=name)
+    client.close()
+    return name

@@ -48,3 +48,40 @@ def test_migrate_then_seed_admin_once(tmp_path: Path) -> None:
     assert second.returncode == 0
     assert "already exists" in second.stderr
     assert "password=" not in second.stderr + second.stdout
+
+
+def test_generate_tape_is_reproducible(tmp_path: Path) -> None:
+    env = {**os.environ, "ENVIRONMENT": "development"}
+    paths = [tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"]
+    for path, seed in zip(paths, ("7", "7", "8"), strict=True):
+        result = cli("generate-tape", "--rows", "2000", "--out", str(path), "--seed", seed, env=env)
+        assert result.returncode == 0, result.stderr
+    first, second, third = (p.read_bytes() for p in paths)
+    assert first == second
+    assert first != third
+    lines = first.decode().splitlines()
+    assert lines[0].split(",")[:3] == ["loan_id", "borrower_id", "amount"]
+    assert len(lines) == 2001
+
+
+def test_generate_tape_shares(tmp_path: Path) -> None:
+    import csv
+
+    from backend.pipeline.tape import REQUIRED_COLUMNS
+
+    out = tmp_path / "t.csv"
+    env = {**os.environ, "ENVIRONMENT": "development"}
+    result = cli(
+        "generate-tape", "--rows", "4000", "--out", str(out),
+        "--ineligible-share", "0.25", "--malformed-share", "0.1", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with out.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert tuple(rows[0]) == REQUIRED_COLUMNS
+    short = sum(1 for r in rows[1:] if len(r) != len(REQUIRED_COLUMNS))
+    # About 1 in 6 malformed rows is a short row; the rest carry a bad value.
+    assert 30 < short < 110
+    bad = cli("generate-tape", "--rows", "1", "--out", str(out),
+              "--ineligible-share", "0.8", "--malformed-share", "0.5", env=env)  # fmt: skip
+    assert bad.returncode == 2

@@ -18,6 +18,7 @@ from backend.models import Base
 from backend.tests.conftest import TEST_DATABASE_URL
 
 # Named after the test database so parallel suites on other databases never collide.
+PIPELINE_TABLES = ("pipeline_runs", "loan_facts", "loan_exceptions")
 SCRATCH_DB = f"{make_url(TEST_DATABASE_URL).database}_migrations"
 
 
@@ -60,7 +61,7 @@ def test_upgrade_empty_postgres_matches_models(scratch_postgres: str) -> None:
     upgrade(scratch_postgres)
     diff, tables = asyncio.run(_inspect(scratch_postgres))
     assert diff == []
-    assert {"users", "sales_teams", "alembic_version"} <= tables
+    assert {"users", "sales_teams", "alembic_version", *PIPELINE_TABLES} <= tables
     downgrade(scratch_postgres)
     _, tables = asyncio.run(_inspect(scratch_postgres))
     assert tables == {"alembic_version"}
@@ -72,4 +73,4 @@ def test_upgrade_empty_sqlite_matches_models(tmp_path: Path) -> None:
     upgrade(url)
     diff, tables = asyncio.run(_inspect(url))
     assert diff == []
-    assert {"users", "sales_teams"} <= tables
+    assert {"users", "sales_teams", *PIPELINE_TABLES} <= tables

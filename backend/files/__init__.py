@@ -1,0 +1,1 @@
+"""Uploading, listing, downloading and deleting stored files."""

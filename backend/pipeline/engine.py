@@ -1,0 +1,109 @@
+"""Run the seven phases over one tape, batch by batch, timing each phase."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from backend.config import Settings
+from backend.database import Database
+from backend.errors import AppError
+from backend.pipeline.phases import default_phases
+from backend.pipeline.phases.base import Batch, Phase, PipelineFailure, RunContext, RunCounts
+from backend.storage import Storage
+
+logger = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    counts: RunCounts
+    durations: dict[str, float]
+
+
+class PipelineEngine:
+    """Executes one run. Raises `PipelineFailure` with a message safe to show users;
+    anything else that escapes is a bug, reported by the runner as an internal error."""
+
+    def __init__(
+        self,
+        database: Database,
+        storage: Storage,
+        settings: Settings,
+        phases: Callable[[], list[Phase]] = default_phases,
+    ) -> None:
+        self.database = database
+        self.storage = storage
+        self.settings = settings
+        self.phases = phases
+
+    @staticmethod
+    def output_prefix(run_id: uuid.UUID) -> str:
+        return f"outputs/{run_id}/"
+
+    async def execute(self, run_id: uuid.UUID, input_path: str) -> RunResult:
+        ctx = RunContext(
+            run_id=run_id,
+            input_path=input_path,
+            output_prefix=self.output_prefix(run_id),
+            settings=self.settings,
+            storage=self.storage,
+            database=self.database,
+        )
+        phases = self.phases()
+        durations = ctx.durations
+        for phase in phases:
+            durations[phase.name] = 0.0
+
+        async def timed(phase: Phase, step: Awaitable[None]) -> None:
+            began = time.perf_counter()
+            try:
+                await step
+            except AppError as exc:
+                # Storage and other domain errors carry a client-safe message already.
+                raise PipelineFailure(f"{phase.name}: {exc.message}") from exc
+            finally:
+                durations[phase.name] += time.perf_counter() - began
+
+        started: list[Phase] = []
+        try:
+            for phase in phases:
+                started.append(phase)
+                await timed(phase, phase.start(ctx))
+            index = 0
+            while not ctx.exhausted:
+                batch = Batch(index=index)
+                for phase in phases:
+                    await timed(phase, phase.process(batch, ctx))
+                logger.debug(
+                    "pipeline.batch.completed",
+                    batch=index,
+                    rows=len(batch.rows),
+                    total=ctx.counts.total,
+                )
+                index += 1
+            for phase in phases:
+                await timed(phase, phase.finish(ctx))
+                logger.info(
+                    "pipeline.phase.completed",
+                    phase=phase.name,
+                    seconds=round(durations[phase.name], 4),
+                )
+        except BaseException:
+            for phase in reversed(started):
+                try:
+                    await phase.abort(ctx)
+                except Exception as exc:
+                    logger.warning(
+                        "pipeline.phase.abort_failed",
+                        phase=phase.name,
+                        error_type=type(exc).__name__,
+                    )
+            raise
+        return RunResult(
+            counts=ctx.counts, durations={k: round(v, 4) for k, v in durations.items()}
+        )

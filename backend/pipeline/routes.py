@@ -1,0 +1,83 @@
+"""/api/pipeline: start runs (analyst, admin); read runs, exceptions and facts (signed in)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from backend.api.dependencies import AnalystUser, CurrentUser, RunnerDep, SessionDep, StorageDep
+from backend.errors import ServiceUnavailable
+from backend.models import RunStatus, Severity
+from backend.pagination import Page, PageDep
+from backend.pipeline import service
+from backend.pipeline.schemas import (
+    ExceptionRead,
+    FactRead,
+    RunAccepted,
+    RunRead,
+    RunRequest,
+)
+
+router = APIRouter(prefix="/api/pipeline", tags=["pipeline"])
+
+
+@router.post("/run", status_code=status.HTTP_202_ACCEPTED, response_model=RunAccepted)
+async def start_run(
+    body: RunRequest,
+    user: AnalystUser,
+    session: SessionDep,
+    storage: StorageDep,
+    runner: RunnerDep,
+) -> RunAccepted:
+    run = await service.create_run(session, storage, user, body.input_path)
+    try:
+        runner.submit(run.id)
+    except RuntimeError:
+        raise ServiceUnavailable("The service is shutting down; try again shortly") from None
+    return RunAccepted(run_id=run.id, status=run.status)
+
+
+@router.get("/runs", response_model=Page[RunRead])
+async def list_runs(
+    _user: CurrentUser,
+    session: SessionDep,
+    page: PageDep,
+    status: RunStatus | None = None,
+) -> Page[RunRead]:
+    runs, total = await service.list_runs(session, page, status)
+    items = [RunRead.model_validate(r) for r in runs]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.get("/runs/{run_id}", response_model=RunRead)
+async def get_run(run_id: uuid.UUID, _user: CurrentUser, session: SessionDep) -> RunRead:
+    return RunRead.model_validate(await service.get_run(session, run_id))
+
+
+@router.get("/runs/{run_id}/exceptions", response_model=Page[ExceptionRead])
+async def list_exceptions(
+    run_id: uuid.UUID,
+    _user: CurrentUser,
+    session: SessionDep,
+    page: PageDep,
+    rule: Annotated[str | None, Query(max_length=64)] = None,
+    severity: Severity | None = None,
+) -> Page[ExceptionRead]:
+    rows, total = await service.list_exceptions(session, run_id, page, rule, severity)
+    items = [ExceptionRead.model_validate(r) for r in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.get("/runs/{run_id}/facts", response_model=Page[FactRead])
+async def list_facts(
+    run_id: uuid.UUID,
+    _user: CurrentUser,
+    session: SessionDep,
+    page: PageDep,
+    eligible: bool | None = None,
+) -> Page[FactRead]:
+    rows, total = await service.list_facts(session, run_id, page, eligible)
+    items = [FactRead.model_validate(r) for r in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
