@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,9 +12,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import SQLAlchemyError
 
 from backend.auth.routes import router as auth_router
-from backend.config import Settings, get_settings
+from backend.config import Settings, config_summary, get_settings
 from backend.database import Database
 from backend.errors import install_error_handlers
+from backend.lifecycle import drain_pipeline, flush_telemetry, install_drain_handler
+from backend.middleware.client_ip import TrustedProxies
+from backend.middleware.error_handler import ErrorHandlerMiddleware
+from backend.middleware.rate_limiter import RateLimiter, RateLimitMiddleware
+from backend.middleware.request_limits import MB, RequestLimitsMiddleware
+from backend.middleware.security_headers import SecurityHeadersMiddleware
+from backend.middleware.trusted_host import TrustedHostMiddleware
 from backend.observability.health import router as health_router
 from backend.users import service as users_service
 from backend.users.routes import router as users_router
@@ -33,15 +41,58 @@ async def seed_admin(database: Database, settings: Settings) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    # Hardening: one redacted line with the effective configuration.
+    logger.info("config.summary", **config_summary(settings))
+    app.state.started_at = time.monotonic()
+    app.state.draining = False
     database = Database(settings)
     app.state.db = database
     await seed_admin(database, settings)
+    # Hardening: SIGTERM flips readiness to "draining" before uvicorn stops accepting.
+    uninstall_drain_handler = install_drain_handler(app, settings)
     logger.info("app.started", environment=settings.ENVIRONMENT, version=settings.APP_VERSION)
     try:
         yield
     finally:
+        # Hardening: in-flight requests are done here; drain runs, flush, then dispose.
+        app.state.draining = True
+        await drain_pipeline(app, settings)
+        limiter: RateLimiter | None = getattr(app.state, "rate_limiter", None)
+        if limiter is not None:
+            await limiter.close()
         await database.dispose()
         logger.info("app.stopped")
+        flush_telemetry()
+        uninstall_drain_handler()
+
+
+def add_hardening_middleware(app: FastAPI, settings: Settings) -> None:
+    """Hardening layers; outermost first once built: [trusted host], [security headers],
+    error envelope, body size/time limits, [rate limit], then the router.
+
+    `add_middleware` puts each new layer outside the previous ones, so they are
+    added innermost first. Request context and the OTel server span go outside these.
+    """
+    trusted = TrustedProxies(settings.TRUSTED_PROXIES)
+    if settings.RATE_LIMIT_ENABLED:
+        limiter = RateLimiter(settings)
+        app.state.rate_limiter = limiter
+        app.add_middleware(RateLimitMiddleware, limiter=limiter, trusted_proxies=trusted)
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_body_bytes=settings.MAX_REQUEST_SIZE_MB * MB,
+        max_upload_bytes=settings.MAX_UPLOAD_SIZE_MB * MB,
+        timeout_seconds=settings.REQUEST_TIMEOUT_SECONDS,
+    )
+    # Unhandled exceptions become the envelope here, inside the layers above.
+    app.add_middleware(ErrorHandlerMiddleware)
+    if settings.ENABLE_SECURITY_HEADERS:
+        app.add_middleware(
+            SecurityHeadersMiddleware,
+            trusted_proxies=trusted,
+            production=settings.ENVIRONMENT == "production",
+        )
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.TRUSTED_HOSTS)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,6 +109,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(users_router)
+    if settings.ENVIRONMENT == "test":
+        from backend.api.debug import router as debug_router
+
+        app.include_router(debug_router)
+    add_hardening_middleware(app, settings)
     if settings.CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,
