@@ -34,7 +34,8 @@ async def seed_admin(database: Database, settings: Settings) -> None:
     try:
         async with database.session() as session:
             await users_service.ensure_admin(session, settings)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError) as exc:
+        # OSError: the database is unreachable; start anyway and report not ready.
         logger.warning("admin.seed.skipped", reason=type(exc).__name__)
 
 
