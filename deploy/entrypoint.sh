@@ -9,7 +9,7 @@ MIGRATION_ATTEMPTS="${MIGRATION_ATTEMPTS:-30}"
 MIGRATION_RETRY_SECONDS="${MIGRATION_RETRY_SECONDS:-2}"
 SHUTDOWN_GRACE_SECONDS="${SHUTDOWN_GRACE_SECONDS:-30}"
 WEB_CONCURRENCY="${WEB_CONCURRENCY:-1}"
-LOG_LEVEL="$(printf '%s' "${LOG_LEVEL:-INFO}" | tr '[:upper:]' '[:lower:]')"
+UVICORN_LOG_LEVEL="$(printf '%s' "${LOG_LEVEL:-INFO}" | tr '[:upper:]' '[:lower:]')"
 
 # Until the exec below this shell is PID 1, which ignores SIGTERM by default:
 # stop at once when the task is stopped during start-up.
@@ -42,4 +42,4 @@ exec uvicorn backend.api.main:app \
     --timeout-graceful-shutdown "$SHUTDOWN_GRACE_SECONDS" \
     --no-server-header \
     --no-access-log \
-    --log-level "$LOG_LEVEL"
+    --log-level "$UVICORN_LOG_LEVEL"

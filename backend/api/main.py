@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,10 +10,11 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from backend.auth.routes import router as auth_router
-from backend.config import Settings, config_summary, get_settings
+from backend.config import ConfigurationError, Settings, config_summary, get_settings
 from backend.database import Database
 from backend.errors import install_error_handlers
 from backend.lifecycle import drain_pipeline, flush_telemetry, install_drain_handler
@@ -131,7 +133,12 @@ def __getattr__(name: str) -> FastAPI:
     # `uvicorn backend.api.main:app` builds the app on first access, so importing this
     # module (tests, the CLI) never reads the environment or touches the database.
     if name == "app":
-        application = create_app()
+        try:
+            application = create_app()
+        except (ConfigurationError, ValidationError) as exc:
+            # Start-up refusal: one clear line and a non-zero exit, no traceback.
+            sys.stderr.write(f"configuration error: {exc}\n")
+            raise SystemExit(1) from None
         globals()["app"] = application
         return application
     raise AttributeError(name)

@@ -102,7 +102,9 @@ def wait_until_up(base_url: str, process: subprocess.Popen[bytes], timeout: floa
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise AssertionError(f"server at {base_url} did not come up within {timeout}s")
+    process.kill()
+    out = process.stdout.read().decode() if process.stdout else ""
+    raise AssertionError(f"server at {base_url} did not come up within {timeout}s: {out[-3000:]}")
 
 
 @contextmanager
