@@ -165,7 +165,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     # Starlette's own 5xx details could describe internals; only 4xx text goes out.
     message = (detail if exc.status_code < 500 else None) or code.replace("_", " ").capitalize()
     log_error(exc.status_code, code, exc)
-    return error_response(exc.status_code, code, message, headers=exc.headers)
+    return error_response(
+        exc.status_code, code, message, headers=dict(exc.headers) if exc.headers else None
+    )
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

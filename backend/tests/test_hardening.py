@@ -417,7 +417,7 @@ class TestStartupChecks:
 
     def test_summary_hides_database_password(self) -> None:
         settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
             ENVIRONMENT="test",
             SECRET_KEY="k" * 40,
             DATABASE_URL="postgresql://app:hunter2-secret@db:5432/loans",

@@ -323,7 +323,7 @@ class TestRateLimiting:
             "RATE_LIMIT_STORAGE_URL": TEST_REDIS_URL,
             "RATE_LIMIT_KEY_PREFIX": prefix,
         }
-        with real_server(**env) as (url_a, _), real_server(**env) as (url_b, _):
+        with real_server(None, **env) as (url_a, _), real_server(None, **env) as (url_b, _):
             async with httpx.AsyncClient() as http:
                 statuses = []
                 for n in range(6):
