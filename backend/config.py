@@ -150,6 +150,24 @@ class Settings(BaseSettings):
     # Running pipeline runs get this long at shutdown before they are interrupted.
     PIPELINE_DRAIN_SECONDS: float = Field(default=30, ge=0)
 
+    @field_validator(
+        "RATE_LIMIT_LOGIN",
+        "RATE_LIMIT_REGISTER",
+        "RATE_LIMIT_PIPELINE",
+        "RATE_LIMIT_API",
+        "RATE_LIMIT_UPLOAD",
+    )
+    @classmethod
+    def _rate_limit_syntax(cls, value: str) -> str:
+        """A typo in a limit must stop start-up, not surface on the first request."""
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"expected a rate like '10/minute', got {value!r}") from None
+        return value
+
     _split = field_validator("CORS_ORIGINS", "TRUSTED_HOSTS", "TRUSTED_PROXIES", mode="before")(
         _split_csv
     )

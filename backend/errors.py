@@ -208,7 +208,7 @@ def unhandled_exception_response(exc: BaseException) -> JSONResponse:
         return error_response(
             503,
             "service_unavailable",
-            "The database is temporarily unavailable; please retry",
+            "Service temporarily unavailable; please retry",
             headers={"Retry-After": DATABASE_RETRY_AFTER},
         )
     logger.error("http.unhandled_exception", error_type=type(exc).__name__, exc_info=exc)

@@ -32,9 +32,11 @@ from backend.tests.hardening_support import (
     ROOT,
     VENV_BIN,
     app_client,
+    client_for,
     closed_port,
     free_port,
     real_server,
+    running_app,
     server_env,
 )
 from backend.tests.test_middleware import assert_envelope, assert_no_internals
@@ -189,19 +191,17 @@ class TestHealthChecks:
     async def test_health_ready_answers_within_check_timeout_when_db_hangs(
         self, blackhole_port: int
     ) -> None:
-        # The database accepts TCP and never answers; the pool would wait 30 s.
+        # The database accepts TCP and never answers; connecting would wait 3 s
+        # (DB_POOL_TIMEOUT bounds asyncpg's connect), readiness must answer after 1 s.
         hanging = f"postgresql+asyncpg://postgres@127.0.0.1:{blackhole_port}/x"
-        settings = make_settings(DATABASE_URL=hanging, HEALTH_CHECK_TIMEOUT=1)
-        from backend.tests.hardening_support import client_for, running_app
-
-        settings.DB_POOL_TIMEOUT = 30
+        settings = make_settings(DATABASE_URL=hanging, HEALTH_CHECK_TIMEOUT=1, DB_POOL_TIMEOUT=3)
         async with running_app(settings) as app, client_for(app) as client:
             started = time.monotonic()
             response = await client.get("/health/ready")
             elapsed = time.monotonic() - started
         assert response.status_code == 503
         assert response.json()["components"]["database"]["error"] == "timeout"
-        assert elapsed < 3
+        assert 0.9 <= elapsed < 2.5
 
     async def test_storage_not_writable_is_unhealthy(self, tmp_path: Path) -> None:
         blocker = tmp_path / "not-a-directory"
@@ -214,8 +214,6 @@ class TestHealthChecks:
         assert str(blocker) not in response.text
 
     async def test_draining_flag_turns_readiness_503_liveness_stays(self, app: FastAPI) -> None:
-        from backend.tests.hardening_support import client_for
-
         async with client_for(app) as client:
             app.state.draining = True
             ready = await client.get("/health/ready")
@@ -327,6 +325,23 @@ class TestGracefulBehavior:
         assert returncode != 0
 
 
+# ---------------------------------------------------------------- authorisation
+
+
+async def test_non_admin_gets_403_envelope_on_admin_endpoints(
+    client: httpx.AsyncClient, make_user: Any
+) -> None:
+    """Criterion 20: admin-only endpoints (here /api/users) refuse other roles with 403."""
+    for role in ("viewer", "analyst"):
+        user = await make_user(role)
+        listing = await client.get("/api/users", headers=user["headers"])
+        patch = await client.patch(
+            f"/api/users/{user['id']}", json={"role": "admin"}, headers=user["headers"]
+        )
+        assert_envelope(listing, 403, "forbidden")
+        assert_envelope(patch, 403, "forbidden")
+
+
 # ---------------------------------------------------------------- request validation
 
 
@@ -401,8 +416,6 @@ class TestStartupChecks:
 
     async def test_config_summary_logged_once_and_redacted(self) -> None:
         settings = make_settings(RATE_LIMIT_STORAGE_URL="redis://:redis-pass-123@cache:6379/0")
-        from backend.tests.hardening_support import running_app
-
         with structlog.testing.capture_logs() as logs:
             async with running_app(settings):
                 pass
@@ -414,6 +427,10 @@ class TestStartupChecks:
         assert summary["DB_POOL_SIZE"] == settings.DB_POOL_SIZE
         flat = repr(summary)
         assert settings.secret_key not in flat and ADMIN_PASSWORD not in flat
+
+    def test_bad_rate_limit_setting_refused(self) -> None:
+        with pytest.raises(ValueError, match="10/minute"):
+            make_settings(RATE_LIMIT_API="100 per fortnight")
 
     def test_summary_hides_database_password(self) -> None:
         settings = Settings(
