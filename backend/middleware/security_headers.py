@@ -17,7 +17,8 @@ STRICT_HTML_CSP = (
 DOCS_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
     "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-    "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
+    "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly "
+    "https://validator.swagger.io; "
     "font-src 'self' https://fonts.gstatic.com; worker-src 'self' blob:; "
     "connect-src 'self'; object-src 'none'; base-uri 'self'; frame-ancestors 'none'"
 )

@@ -30,6 +30,8 @@ logger = structlog.get_logger(__name__)
 router = APIRouter(tags=["health"])
 
 DB_DEGRADED_MS = 100.0
+# A valid storage path (`<area>/<key>`) that is never written: only the answer matters.
+STORAGE_PROBE_PATH = "inputs/.health-probe"
 # psutil thresholds (percent used): above DEGRADED -> degraded, above UNHEALTHY -> unhealthy.
 RESOURCE_DEGRADED = 90.0
 RESOURCE_UNHEALTHY = 95.0
@@ -79,33 +81,28 @@ def _local_root_writable(root: Path) -> None:
 
 
 async def check_storage(request: Request) -> ComponentHealth:
-    """The storage backend's own check when it has one, else the local root is writable."""
+    """The storage answers (and, for local storage, its root is writable).
+
+    `app.state.storage` is used when present: its `health()` if it has one (False
+    means unhealthy), else `exists()` on a probe path, where any answer, True or
+    False, proves the backend is reachable. Without it, local storage is checked
+    on disk and any other type is reported degraded ("not_checked").
+    """
     settings: Settings = request.app.state.settings
     storage = getattr(request.app.state, "storage", None)
-    started = time.perf_counter()
-    # The storage layer is optional here: use whatever check it offers.
-    probe: Callable[[], Awaitable[Any]] | None = None
-    if storage is not None:
-        for name in ("health", "health_check", "check"):
-            candidate = getattr(storage, name, None)
-            if callable(candidate):
-                probe = candidate
-                break
-        if probe is None and callable(getattr(storage, "exists", None)):
-            exists = storage.exists
-
-            async def probe() -> Any:
-                return await exists(".health-probe")
-
     backend = type(storage).__name__ if storage is not None else settings.STORAGE_TYPE
-    if probe is not None:
-        result = await probe()
-        if result is False:
+    started = time.perf_counter()
+    health = getattr(storage, "health", None)
+    exists = getattr(storage, "exists", None)
+    if callable(health):
+        if await health() is False:
             return ComponentHealth(UNHEALTHY, error="check_failed", details={"backend": backend})
-    elif settings.STORAGE_TYPE == "local":
-        await asyncio.to_thread(_local_root_writable, Path(settings.STORAGE_LOCAL_ROOT))
-    else:
+    elif callable(exists):
+        await exists(STORAGE_PROBE_PATH)
+    elif settings.STORAGE_TYPE != "local":
         return ComponentHealth(DEGRADED, error="not_checked", details={"backend": backend})
+    if settings.STORAGE_TYPE == "local":
+        await asyncio.to_thread(_local_root_writable, Path(settings.STORAGE_LOCAL_ROOT))
     latency = round((time.perf_counter() - started) * 1000, 2)
     return ComponentHealth(HEALTHY, latency, {"backend": backend})
 

@@ -213,6 +213,27 @@ class TestHealthChecks:
         assert storage["status"] == "unhealthy"
         assert str(blocker) not in response.text
 
+    async def test_storage_backend_from_app_state_is_probed(self, app: FastAPI) -> None:
+        class Answering:
+            async def exists(self, path: str) -> bool:
+                assert path.startswith("inputs/")
+                return False  # absent, but the backend answered
+
+        class Broken:
+            async def exists(self, path: str) -> bool:
+                raise ConnectionError("bucket unreachable at https://internal-host")
+
+        async with client_for(app) as client:
+            app.state.storage = Answering()
+            healthy = await client.get("/health/ready")
+            app.state.storage = Broken()
+            broken = await client.get("/health/ready")
+        assert healthy.status_code == 200
+        assert healthy.json()["components"]["storage"]["details"] == {"backend": "Answering"}
+        assert broken.status_code == 503
+        assert broken.json()["components"]["storage"]["error"] == "ConnectionError"
+        assert "internal-host" not in broken.text
+
     async def test_draining_flag_turns_readiness_503_liveness_stays(self, app: FastAPI) -> None:
         async with client_for(app) as client:
             app.state.draining = True

@@ -354,6 +354,19 @@ class TestRateLimiting:
         assert_envelope(response, 503, "service_unavailable")
         assert health.status_code == 200
 
+    async def test_memory_backend_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from backend.middleware import rate_limiter
+
+        monkeypatch.setattr(rate_limiter, "MEMORY_MAX_KEYS", 4)
+        async with app_client(RATE_LIMIT_ENABLED=True) as (app, _):
+            with structlog.testing.capture_logs() as logs:
+                for n in range(12):
+                    async with client_for(app, f"198.51.100.{n + 1}") as c:
+                        assert (await c.get("/api/auth/me")).status_code == 401
+                    counters = app.state.rate_limiter.storage.storage
+                    assert len(counters) <= 4 + 1
+        assert any(line["event"] == "ratelimit.memory.reset" for line in logs)
+
     async def test_redis_limit_in_process(self) -> None:
         async with app_client(
             RATE_LIMIT_ENABLED=True,
