@@ -70,7 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def add_hardening_middleware(app: FastAPI, settings: Settings) -> None:
-    """Hardening layers; outermost first once built: [trusted host], [security headers],
+    """Hardening layers; outermost first once built: [security headers], trusted host,
     error envelope, body size/time limits, [rate limit], then the router.
 
     `add_middleware` puts each new layer outside the previous ones, so they are
@@ -89,13 +89,13 @@ def add_hardening_middleware(app: FastAPI, settings: Settings) -> None:
     )
     # Unhandled exceptions become the envelope here, inside the layers above.
     app.add_middleware(ErrorHandlerMiddleware)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.TRUSTED_HOSTS)
     if settings.ENABLE_SECURITY_HEADERS:
         app.add_middleware(
             SecurityHeadersMiddleware,
             trusted_proxies=trusted,
             production=settings.ENVIRONMENT == "production",
         )
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.TRUSTED_HOSTS)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

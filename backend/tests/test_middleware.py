@@ -128,6 +128,7 @@ class TestTrustedHosts:
         assert ok.status_code == 200
         assert sub.status_code == 200
         assert_envelope(bad, 400, "bad_request")
+        assert bad.headers["x-frame-options"] == "DENY"
 
 
 # ---------------------------------------------------------------- request limits
