@@ -276,7 +276,7 @@ class TestGracefulBehavior:
 
     def test_sigterm_drains_and_exits_zero(self) -> None:
         """deploy/entrypoint.sh -> uvicorn; SIGTERM while a slow request is in flight."""
-        drain_delay = 1.5
+        drain_delay = 2.5
         with real_server(
             command=[str(ROOT / "deploy" / "entrypoint.sh")],
             SHUTDOWN_DRAIN_DELAY_SECONDS=str(drain_delay),
@@ -285,7 +285,7 @@ class TestGracefulBehavior:
         ) as (base_url, process):
             port = int(base_url.rsplit(":", 1)[1])
             assert httpx.get(f"{base_url}/health/ready").status_code == 200
-            slow = _raw_get(port, "/_test/slow?seconds=3")
+            slow = _raw_get(port, "/_test/slow?seconds=4")
             # The request is accepted and parsed long before the listener closes
             # (drain delay); readiness below proves the server is still serving.
             signalled = time.monotonic()
@@ -304,12 +304,12 @@ class TestGracefulBehavior:
 
             answer = _read_all(slow)
             assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
-            assert b'"slept":3.0' in answer
+            assert b'"slept":4.0' in answer
             returncode = process.wait(timeout=15)
             elapsed = time.monotonic() - signalled
             output = process.stdout.read().decode() if process.stdout else ""
         assert returncode == 0, output[-3000:]
-        assert elapsed < drain_delay + 3 + 5
+        assert elapsed < 4 + 5  # the slow request, then a bounded shutdown
         assert "app.draining" in output and "app.stopped" in output
         assert "server:" not in answer.decode().lower()  # --no-server-header
 

@@ -7,6 +7,7 @@ against the real PostgreSQL and (for the shared limit) the real Redis.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -482,6 +483,7 @@ class TestErrorHandler:
             assert b"\n" not in value and b"evil" not in value
         body = b"".join(m.get("body", b"") for m in messages[1:])
         assert b"evil" not in body
+        assert json.loads(body)["error"]["code"] == "unauthorized"
 
     async def test_ten_kb_header_values(self, client: httpx.AsyncClient) -> None:
         huge = "a" * 10 * 1024
