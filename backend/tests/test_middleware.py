@@ -15,6 +15,11 @@ import httpx
 import pytest
 import structlog
 from fastapi import FastAPI
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from backend.middleware.client_ip import TrustedProxies, client_ip
 from backend.tests.conftest import ADMIN_PASSWORD, TEST_REDIS_URL, bearer, login
@@ -29,6 +34,14 @@ from backend.tests.hardening_support import (
 pytestmark = pytest.mark.usefixtures("clean_db")
 
 ENVELOPE_KEYS = {"code", "message", "request_id", "trace_id", "details"}
+
+
+def span_recorder() -> tuple[InMemorySpanExporter, trace.Tracer]:
+    """A private tracer whose finished spans can be inspected (no global provider)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter, provider.get_tracer("tests")
 
 
 def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -201,12 +214,17 @@ class TestRequestLimits:
         assert_envelope(response, 400, "bad_request")
 
     async def test_request_timeout_is_504(self) -> None:
+        exporter, tracer = span_recorder()
         async with app_client(REQUEST_TIMEOUT_SECONDS=1) as (_, client):
             with structlog.testing.capture_logs() as logs:
-                response = await client.get("/_test/slow", params={"seconds": 5})
+                # Stands in for the OTel server span the outermost layer will open.
+                with tracer.start_as_current_span("GET /_test/slow"):
+                    response = await client.get("/_test/slow", params={"seconds": 5})
         error = assert_envelope(response, 504, "gateway_timeout")
         assert "took too long" in error["message"]
         assert any(line["event"] == "http.request.timeout" for line in logs)
+        (span,) = exporter.get_finished_spans()
+        assert span.status.status_code is StatusCode.ERROR
 
 
 # ---------------------------------------------------------------- rate limiting
@@ -369,6 +387,23 @@ class TestRateLimiting:
                     assert len(counters) <= 4 + 1
         assert any(line["event"] == "ratelimit.memory.reset" for line in logs)
 
+    async def test_pipeline_rule_is_per_user(self) -> None:
+        async with app_client(
+            RATE_LIMIT_ENABLED=True, RATE_LIMIT_PIPELINE="2/minute", RATE_LIMIT_API="50/minute"
+        ) as (app, c):
+            headers = bearer(await login(c, "admin", ADMIN_PASSWORD))
+            runs = [(await c.post("/api/pipeline/run", headers=headers)) for _ in range(3)]
+            # Another user's bucket, and other endpoints, are untouched.
+            async with client_for(app, "198.51.100.40") as other:
+                anonymous = await other.post("/api/pipeline/run")
+            me = await c.get("/api/auth/me", headers=headers)
+        # Whatever the route answers (it lands with the pipeline), it is not limited yet.
+        assert all(r.status_code != 429 for r in runs[:2])
+        assert runs[0].headers["ratelimit-policy"] == '"pipeline";q=2;w=60'
+        assert_envelope(runs[2], 429, "rate_limited")
+        assert anonymous.status_code != 429
+        assert me.status_code == 200 and me.headers["x-ratelimit-limit"] == "50"
+
     async def test_redis_limit_in_process(self) -> None:
         async with app_client(
             RATE_LIMIT_ENABLED=True,
@@ -419,9 +454,16 @@ class TestErrorHandler:
         assert all(set(d) == {"location", "message", "type"} for d in error["details"])
 
     async def test_500_does_not_expose_stack_trace(self, app: FastAPI) -> None:
+        exporter, tracer = span_recorder()
         async with client_for(app) as client:
-            with structlog.testing.capture_logs() as logs:
+            with (
+                structlog.testing.capture_logs() as logs,
+                tracer.start_as_current_span("GET /_test/crash"),
+            ):
                 response = await client.get("/_test/crash")
+        (span,) = exporter.get_finished_spans()
+        assert span.status.status_code is StatusCode.ERROR
+        assert [event.name for event in span.events] == ["exception"]
         error = assert_envelope(response, 500, "internal_error")
         assert error["message"] == "Internal server error"
         assert "secret-internal-detail" not in response.text
