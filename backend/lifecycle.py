@@ -82,7 +82,8 @@ def install_drain_handler(app: FastAPI, settings: Settings) -> Callable[[], None
 
 async def drain_pipeline(app: FastAPI, settings: Settings) -> None:
     """Give running pipeline runs PIPELINE_DRAIN_SECONDS; the runner marks the rest."""
-    runner = getattr(app.state, "pipeline_runner", None)
+    # The runner lands with the pipeline branch (as `pipeline_runner` or `runner`).
+    runner = getattr(app.state, "pipeline_runner", None) or getattr(app.state, "runner", None)
     shutdown = getattr(runner, "shutdown", None)
     if shutdown is None:
         return
