@@ -313,6 +313,20 @@ class TestGracefulBehavior:
         assert "app.draining" in output and "app.stopped" in output
         assert "server:" not in answer.decode().lower()  # --no-server-header
 
+    async def test_shutdown_gives_pipeline_runs_their_drain_time(self) -> None:
+        calls: list[float] = []
+
+        class Runner:
+            async def shutdown(self, drain_seconds: float) -> None:
+                # The database is still there while runs drain.
+                calls.append(drain_seconds)
+
+        settings = make_settings(PIPELINE_DRAIN_SECONDS=12)
+        async with running_app(settings) as app:
+            app.state.pipeline_runner = Runner()
+        assert calls == [12.0]
+        assert app.state.draining is True
+
     def test_sigterm_during_startup_stops_entrypoint(self) -> None:
         # The database never comes up: the entrypoint retries, and SIGTERM ends it.
         port = free_port()
