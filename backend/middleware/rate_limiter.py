@@ -228,7 +228,9 @@ class RateLimitMiddleware:
     429 `rate_limited` envelope with the same headers plus Retry-After. Storage
     unavailable -> requests pass unlimited (fail open) or 503 (fail closed)."""
 
-    def __init__(self, app: ASGIApp, *, limiter: RateLimiter, trusted_proxies: TrustedProxies):
+    def __init__(
+        self, app: ASGIApp, *, limiter: RateLimiter, trusted_proxies: TrustedProxies
+    ) -> None:
         self.app = app
         self.limiter = limiter
         self.trusted_proxies = trusted_proxies

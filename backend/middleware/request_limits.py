@@ -28,15 +28,12 @@ class _BodyTooLarge(Exception):
 
 def has_control_chars(scope: Scope) -> bool:
     """Whether the decoded path or query carries a NUL or another control character."""
+    # The server has already percent-decoded the path; the query is still raw bytes.
     path: str = scope.get("path", "")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
         return True
-    raw_path = scope.get("raw_path") or b""
     query: bytes = scope.get("query_string", b"")
-    return bool(
-        _CONTROL.search(unquote_to_bytes(raw_path))
-        or _CONTROL.search(unquote_to_bytes(query.replace(b"+", b" ")))
-    )
+    return bool(_CONTROL.search(unquote_to_bytes(query)))
 
 
 class RequestLimitsMiddleware:

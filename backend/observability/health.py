@@ -143,8 +143,9 @@ CHECKS: dict[str, Callable[[Request], Awaitable[ComponentHealth]]] = {
 
 
 async def _bounded(
-    name: str, check: Callable[[Request], Awaitable[ComponentHealth]], request: Request
+    check: Callable[[Request], Awaitable[ComponentHealth]], request: Request
 ) -> ComponentHealth:
+    """Run one check within HEALTH_CHECK_TIMEOUT; a failure or a timeout is `unhealthy`."""
     settings: Settings = request.app.state.settings
     started = time.perf_counter()
     try:
@@ -205,7 +206,7 @@ async def health_ready(request: Request) -> JSONResponse:
     if getattr(request.app.state, "draining", False):
         return JSONResponse(_base_body(request, "draining"), status_code=503)
     names = list(CHECKS)
-    outcomes = await asyncio.gather(*(_bounded(n, CHECKS[n], request) for n in names))
+    outcomes = await asyncio.gather(*(_bounded(CHECKS[n], request) for n in names))
     results = dict(zip(names, outcomes, strict=True))
     _log_transitions(request, results)
     overall = max((r.status for r in results.values()), key=_RANK.__getitem__)
