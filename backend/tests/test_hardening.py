@@ -261,6 +261,17 @@ def _read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def _raw_response(port: int, request: bytes) -> httpx.Response:
+    """Send raw bytes and parse the (Connection: close) answer into a Response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        raw = _read_all(sock)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(line.split(": ", 1)) for line in header_lines]
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+
+
 class TestGracefulBehavior:
     async def test_concurrent_requests_handled(self, client: httpx.AsyncClient) -> None:
         paths = ["/health", "/health/ready", "/api/auth/me", "/nope"] * 10
@@ -412,6 +423,45 @@ class TestRequestValidation:
             headers = bearer(await login(client, "admin", ADMIN_PASSWORD))
             response = await client.get("/api/users", params={"limit": "many"}, headers=headers)
         assert_envelope(response, 422, "validation_error")
+
+    def test_bad_input_over_real_http(self) -> None:
+        """The same refusals through uvicorn's HTTP parser, not only the ASGI test client."""
+
+        def chunks() -> Iterator[bytes]:
+            for _ in range(48):  # 3 MB against a 1 MB limit, no Content-Length
+                yield b"x" * 65536
+
+        with real_server(None, MAX_REQUEST_SIZE_MB="1") as (base, _), httpx.Client() as http:
+            responses = {
+                "chunked": http.post(f"{base}/api/auth/register", content=chunks()),
+                # httpx will not lie about Content-Length; a raw socket will.
+                "declared": _raw_response(
+                    int(base.rsplit(":", 1)[1]),
+                    b"POST /api/auth/register HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 1099511627776\r\n"
+                    b"Connection: close\r\n\r\n{}",
+                ),
+                "null": http.get(f"{base}/api/auth/me%00"),
+                "header": http.get(
+                    f"{base}/api/auth/me", headers={"Authorization": "Bearer " + "a" * 10240}
+                ),
+                "json": http.post(
+                    f"{base}/api/auth/register",
+                    content=b"{not json",
+                    headers={"Content-Type": "application/json"},
+                ),
+            }
+        expected = {
+            "chunked": (413, "payload_too_large"),
+            "declared": (413, "payload_too_large"),
+            "null": (400, "bad_request"),
+            "header": (401, "unauthorized"),
+            "json": (422, "validation_error"),
+        }
+        for name, (status, code) in expected.items():
+            assert_envelope(responses[name], status, code)
+            assert_no_internals(responses[name])
+            assert "server" not in responses[name].headers
 
 
 # ---------------------------------------------------------------- start-up checks
