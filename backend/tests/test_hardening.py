@@ -527,3 +527,46 @@ class TestStartupChecks:
         summary = config_summary(settings)
         assert summary["DATABASE_URL"] == "postgresql+asyncpg://app:***@db:5432/loans"
         assert "hunter2" not in repr(summary)
+
+
+# ---------------------------------------------------------------- deploy artefacts
+
+
+class TestDeployArtefacts:
+    def test_entrypoint_execs_uvicorn_with_proxy_and_shutdown_flags(self) -> None:
+        script = (ROOT / "deploy" / "entrypoint.sh").read_text()
+        assert "exec uvicorn backend.api.main:app" in script
+        for flag in (
+            "--proxy-headers",
+            "--forwarded-allow-ips",
+            "--timeout-graceful-shutdown",
+            "--no-server-header",
+        ):
+            assert flag in script
+
+    def test_dockerfile_is_multi_stage_non_root_with_healthcheck(self) -> None:
+        dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+        assert dockerfile.count("FROM ") >= 2
+        assert "\nUSER app\n" in dockerfile
+        assert "HEALTHCHECK" in dockerfile and "/health/live" in dockerfile
+        assert 'ENTRYPOINT ["/app/deploy/entrypoint.sh"]' in dockerfile
+        assert (ROOT / ".dockerignore").read_text().count(".env") >= 1
+
+    def test_task_definition_stop_timeout_covers_the_drain(self) -> None:
+        import json
+
+        task = json.loads((ROOT / "deploy" / "aws" / "task-definition.json").read_text())
+        (container,) = task["containerDefinitions"]
+        env = {item["name"]: item["value"] for item in container["environment"]}
+        budget = (
+            float(env["SHUTDOWN_DRAIN_DELAY_SECONDS"])
+            + float(env["SHUTDOWN_GRACE_SECONDS"])
+            + float(env["PIPELINE_DRAIN_SECONDS"])
+        )
+        assert container["stopTimeout"] >= budget + 5
+        assert container["stopTimeout"] <= 120  # the ECS maximum
+        assert "/health/live" in " ".join(container["healthCheck"]["command"])
+        assert container["logConfiguration"]["logDriver"] == "awslogs"
+        # Secrets come from Secrets Manager, never from plain environment values.
+        assert {"SECRET_KEY", "DATABASE_URL"} <= {s["name"] for s in container["secrets"]}
+        assert not {"SECRET_KEY", "DATABASE_URL", "ADMIN_PASSWORD"} & set(env)
