@@ -145,6 +145,26 @@ class TestTrustedHosts:
         assert bad.headers["x-frame-options"] == "DENY"
 
 
+class TestCors:
+    async def test_origins_from_settings_even_on_429(self) -> None:
+        async with app_client(
+            CORS_ORIGINS="https://app.example.com",
+            RATE_LIMIT_ENABLED=True,
+            RATE_LIMIT_API="1/minute",
+        ) as (_, client):
+            good = {"Origin": "https://app.example.com"}
+            first = await client.get("/api/auth/me", headers=good)
+            limited = await client.get("/api/auth/me", headers=good)
+            other = await client.get("/health", headers={"Origin": "https://evil.example"})
+        assert first.headers["access-control-allow-origin"] == "https://app.example.com"
+        # The browser may read the 429 (and its Retry-After), not just see a CORS error.
+        assert limited.status_code == 429
+        assert limited.headers["access-control-allow-origin"] == "https://app.example.com"
+        exposed = limited.headers["access-control-expose-headers"].lower()
+        assert "retry-after" in exposed and "x-ratelimit-remaining" in exposed
+        assert "access-control-allow-origin" not in other.headers
+
+
 # ---------------------------------------------------------------- request limits
 
 
