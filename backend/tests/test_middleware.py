@@ -384,6 +384,38 @@ class TestRateLimiting:
         assert len(warnings) == 1
         assert app.state.rate_limiter.storage_errors == 6
 
+    async def test_redis_outage_and_recovery(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Through a TCP relay to the real Redis that the test cuts and restores."""
+        from backend.middleware import rate_limiter
+
+        monkeypatch.setattr(rate_limiter, "STORAGE_RETRY_SECONDS", 0.0)
+        redis_url = httpx.URL(TEST_REDIS_URL)
+        relay = RedisRelay(redis_url.host, redis_url.port or 6379)
+        port = await relay.start()
+        url = f"redis://127.0.0.1:{port}{redis_url.path}"
+        try:
+            async with app_client(
+                RATE_LIMIT_ENABLED=True,
+                RATE_LIMIT_API="50/minute",
+                RATE_LIMIT_STORAGE_URL=url,
+                RATE_LIMIT_KEY_PREFIX=unique_prefix(),
+            ) as (_, c):
+                with structlog.testing.capture_logs() as logs:
+                    before = await c.get("/api/auth/me")
+                    await relay.stop()
+                    during = [await c.get("/api/auth/me") for _ in range(3)]
+                    await relay.start(port)
+                    after = await c.get("/api/auth/me")
+        finally:
+            await relay.stop()
+        assert before.headers["x-ratelimit-remaining"] == "49"
+        assert [r.status_code for r in during] == [401, 401, 401]
+        assert all("x-ratelimit-limit" not in r.headers for r in during)
+        # Counting resumes where it stopped: the outage requests were not counted.
+        assert after.headers["x-ratelimit-remaining"] == "48"
+        events = [line["event"] for line in logs if line["event"].startswith("ratelimit.")]
+        assert events == ["ratelimit.storage.unavailable", "ratelimit.storage.recovered"]
+
     async def test_redis_down_fail_closed_is_503(self) -> None:
         down = f"redis://127.0.0.1:{closed_port()}/0"
         async with app_client(
@@ -433,6 +465,45 @@ class TestRateLimiting:
         ) as (_, c):
             statuses = [(await c.post("/api/auth/register", json={})).status_code for _ in range(3)]
         assert statuses == [422, 422, 429]
+
+
+class RedisRelay:
+    """A TCP relay in front of the real Redis, to cut and restore the link."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self, port: int = 0) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+        bound: int = self.server.sockets[0].getsockname()[1]
+        return bound
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for writer in list(self.writers):
+                writer.close()
+            await self.server.wait_closed()
+            self.server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.writers -= {writer, up_writer}
 
 
 def test_client_ip_reads_forwarded_for_from_the_right() -> None:
