@@ -43,7 +43,7 @@ seed: install  ## Create the admin account if none exists
 	$(BIN)/python -m backend.admin.cli seed-admin
 
 run: migrate seed  ## Serve on $(HOST):$(PORT) (SQLite by default)
-	$(BIN)/uvicorn backend.api.main:app --host $(HOST) --port $(PORT)
+	$(BIN)/uvicorn backend.api.main:app --host $(HOST) --port $(PORT) --no-server-header
 
 lint: install  ## ruff lint and format check
 	$(BIN)/ruff check .

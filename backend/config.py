@@ -142,6 +142,37 @@ class Settings(BaseSettings):
     # Admin
     ADMIN_DIAGNOSTICS_ENABLED: bool = True
 
+    # Hardening
+    # "memory://" keeps counters in this process; "redis://host:6379/0" shares them
+    # between every instance that points at the same Redis.
+    RATE_LIMIT_STORAGE_URL: str = "memory://"
+    # Redis unreachable: true lets requests through unlimited, false answers 503.
+    RATE_LIMIT_FAIL_OPEN: bool = True
+    RATE_LIMIT_KEY_PREFIX: str = "loan-engine:ratelimit"
+    # After SIGTERM: readiness answers 503 "draining" this long while requests are
+    # still accepted, so the load balancer stops routing before the listener closes.
+    SHUTDOWN_DRAIN_DELAY_SECONDS: float = Field(default=0, ge=0, le=60)
+    # In-flight requests get this long to finish once the listener is closed.
+    SHUTDOWN_GRACE_SECONDS: int = Field(default=30, ge=1)
+
+    @field_validator(
+        "RATE_LIMIT_LOGIN",
+        "RATE_LIMIT_REGISTER",
+        "RATE_LIMIT_PIPELINE",
+        "RATE_LIMIT_API",
+        "RATE_LIMIT_UPLOAD",
+    )
+    @classmethod
+    def _rate_limit_syntax(cls, value: str) -> str:
+        """A typo in a limit must stop start-up, not surface on the first request."""
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"expected a rate like '10/minute', got {value!r}") from None
+        return value
+
     # Observability
     # Names follow the OpenTelemetry environment variables so that a collector or
     # AWS set-up documented for OTel applies unchanged.
@@ -267,3 +298,34 @@ def production_problems(settings: Settings) -> list[str]:
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()
+
+
+def _hide_url_password(url: str) -> str:
+    """`url` with any password replaced by ***, so it can be logged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def config_summary(settings: Settings) -> dict[str, object]:
+    """The effective configuration, safe to log: secrets shown only as set / not set."""
+    summary: dict[str, object] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            summary[name] = "***" if value.get_secret_value() else "<not set>"
+        elif value is None and name in ("SECRET_KEY", "ADMIN_PASSWORD"):
+            summary[name] = "<not set>"
+        elif name.endswith("_URL") and isinstance(value, str):
+            summary[name] = _hide_url_password(value)
+        else:
+            summary[name] = value
+    return summary

@@ -15,7 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from opentelemetry import trace
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = structlog.get_logger(__name__)
@@ -143,10 +144,17 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+def log_error(status_code: int, code: str, exc: BaseException | None = None) -> None:
+    """The logging policy: 4xx at info without traceback, 5xx at error with it."""
+    if status_code >= 500:
+        logger.error("http.error", code=code, status_code=status_code, exc_info=exc)
+    else:
+        logger.info("http.error", code=code, status_code=status_code)
+
+
 async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
-    log = logger.error if exc.status_code >= 500 else logger.info
-    log("http.error", code=exc.code, status_code=exc.status_code)
+    log_error(exc.status_code, exc.code, exc)
     return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
 
@@ -154,15 +162,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = STATUS_CODES.get(exc.status_code, "error")
     detail = exc.detail if isinstance(exc.detail, str) else None
-    message = detail or code.replace("_", " ").capitalize()
-    return error_response(exc.status_code, code, message, headers=exc.headers)
+    # Starlette's own 5xx details could describe internals; only 4xx text goes out.
+    message = (detail if exc.status_code < 500 else None) or code.replace("_", " ").capitalize()
+    log_error(exc.status_code, code, exc)
+    return error_response(
+        exc.status_code, code, message, headers=dict(exc.headers) if exc.headers else None
+    )
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(
-        422, "validation_error", "Request validation failed", _validation_details(exc)
-    )
+    details = _validation_details(exc)
+    logger.info("http.error", code="validation_error", status_code=422, errors=len(details))
+    return error_response(422, "validation_error", "Request validation failed", details)
 
 
 async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
@@ -170,9 +182,45 @@ async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(409, "conflict", "The request conflicts with existing data")
 
 
-async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("http.unhandled_exception", exc_info=exc)
+# Seconds a client is asked to wait before retrying when the database is unavailable.
+DATABASE_RETRY_AFTER = "5"
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` means the database cannot be reached or no connection is free.
+
+    Covers the pool timeout, asyncpg failing to connect (it raises OSError and
+    TimeoutError, which is an OSError, before SQLAlchemy can wrap anything),
+    connections lost mid-statement and PostgreSQL refusing work (OperationalError).
+    """
+    if isinstance(exc, PoolTimeoutError | OperationalError | InterfaceError | OSError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def unhandled_exception_response(exc: BaseException) -> JSONResponse:
+    """The envelope for an exception no specific handler claimed: 503 or 500.
+
+    The exception and its traceback are logged; the client sees a fixed message.
+    """
+    if is_database_unavailable(exc):
+        logger.error("db.unavailable", error_type=type(exc).__name__, status_code=503, exc_info=exc)
+        return error_response(
+            503,
+            "service_unavailable",
+            "Service temporarily unavailable; please retry",
+            headers={"Retry-After": DATABASE_RETRY_AFTER},
+        )
+    logger.error("http.unhandled_exception", error_type=type(exc).__name__, exc_info=exc)
     return error_response(500, "internal_error", "Internal server error")
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return unhandled_exception_response(exc)
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    return unhandled_exception_response(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -181,4 +229,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
+    # Database unreachable or pool exhausted: 503, never a 500 or a hang.
+    for exc_type in (PoolTimeoutError, OperationalError, InterfaceError, DBAPIError, OSError):
+        app.add_exception_handler(exc_type, _database_unavailable)
     app.add_exception_handler(Exception, _unhandled)

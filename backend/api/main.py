@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,14 +11,22 @@ import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.sdk.trace.export import SpanExporter
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from backend.auth.routes import router as auth_router
-from backend.config import Settings, get_settings
+from backend.config import ConfigurationError, Settings, config_summary, get_settings
 from backend.database import Database
 from backend.errors import install_error_handlers
 from backend.files.routes import router as files_router
+from backend.lifecycle import drain_pipeline, install_drain_handler
+from backend.middleware.client_ip import TrustedProxies
+from backend.middleware.error_handler import ErrorHandlerMiddleware
+from backend.middleware.rate_limiter import RateLimiter, RateLimitMiddleware
 from backend.middleware.request_context import install_request_context
+from backend.middleware.request_limits import MB, RequestLimitsMiddleware
+from backend.middleware.security_headers import SecurityHeadersMiddleware
+from backend.middleware.trusted_host import TrustedHostMiddleware
 from backend.observability.health import router as health_router
 from backend.observability.logging_config import (
     configure_logging,
@@ -38,7 +48,8 @@ async def seed_admin(database: Database, settings: Settings) -> None:
     try:
         async with database.session() as session:
             await users_service.ensure_admin(session, settings)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError) as exc:
+        # OSError: the database is unreachable; start anyway and report not ready.
         logger.warning("admin.seed.skipped", reason=type(exc).__name__)
 
 
@@ -49,6 +60,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # thread and service.instance.id belong to the worker.
     tracing: Tracing = app.state.tracing
     tracing.start()
+    # Hardening: one redacted line with the effective configuration.
+    logger.info("config.summary", **config_summary(settings))
+    app.state.started_at = time.monotonic()
+    app.state.draining = False
     database = Database(settings)
     instrument_engine(database.engine)
     app.state.db = database
@@ -58,17 +73,53 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.runner = runner
     await seed_admin(database, settings)
     await runner.recover()
+    # Hardening: SIGTERM flips readiness to "draining" before uvicorn stops accepting.
+    uninstall_drain_handler = install_drain_handler(app, settings)
     logger.info("app.started", environment=settings.ENVIRONMENT, version=settings.APP_VERSION)
     try:
         yield
     finally:
-        # Runs need the database and storage: drain them before either goes away.
-        await runner.shutdown(settings.PIPELINE_DRAIN_SECONDS)
+        # In-flight requests are done here. Runs need the database and storage: drain
+        # them before either goes away; spans go out last (bounded, never hangs).
+        app.state.draining = True
+        await drain_pipeline(app, settings)
+        limiter: RateLimiter | None = getattr(app.state, "rate_limiter", None)
+        if limiter is not None:
+            await limiter.close()
         await storage.close()
         await database.dispose()
         logger.info("app.stopped")
-        # Last, so spans of the shutdown itself are exported; bounded, never hangs.
         tracing.shutdown()
+        uninstall_drain_handler()
+
+
+def add_hardening_middleware(app: FastAPI, settings: Settings) -> None:
+    """Hardening layers; outermost first once built: [security headers], trusted host,
+    error envelope, body size/time limits, [rate limit], then the router.
+
+    `add_middleware` puts each new layer outside the previous ones, so they are
+    added innermost first. Request context and the OTel server span go outside these.
+    """
+    trusted = TrustedProxies(settings.TRUSTED_PROXIES)
+    if settings.RATE_LIMIT_ENABLED:
+        limiter = RateLimiter(settings)
+        app.state.rate_limiter = limiter
+        app.add_middleware(RateLimitMiddleware, limiter=limiter, trusted_proxies=trusted)
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_body_bytes=settings.MAX_REQUEST_SIZE_MB * MB,
+        max_upload_bytes=settings.MAX_UPLOAD_SIZE_MB * MB,
+        timeout_seconds=settings.REQUEST_TIMEOUT_SECONDS,
+    )
+    # Unhandled exceptions become the envelope here, inside the layers above.
+    app.add_middleware(ErrorHandlerMiddleware)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.TRUSTED_HOSTS)
+    if settings.ENABLE_SECURITY_HEADERS:
+        app.add_middleware(
+            SecurityHeadersMiddleware,
+            trusted_proxies=trusted,
+            production=settings.ENVIRONMENT == "production",
+        )
 
 
 def create_app(
@@ -98,6 +149,11 @@ def create_app(
     app.include_router(users_router)
     app.include_router(files_router)
     app.include_router(pipeline_router)
+    if settings.ENVIRONMENT == "test":
+        from backend.api.debug import router as debug_router
+
+        app.include_router(debug_router)
+    add_hardening_middleware(app, settings)
     if settings.CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,
@@ -105,11 +161,20 @@ def create_app(
             allow_credentials=True,
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Server-Timing"],
+            # Hardening: let browser clients read the rate-limit state and Retry-After.
+            expose_headers=[
+                "X-Request-ID",
+                "Server-Timing",
+                "Retry-After",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+                "RateLimit",
+                "RateLimit-Policy",
+            ],
         )
-    # Security headers, body limits and rate limiting: add them here with add_middleware
-    # (Starlette runs the one added last outermost, so rate limit first, security headers
-    # last). Everything added with add_middleware runs inside the two layers below.
+    # Everything added with add_middleware above (hardening layers, CORS) runs inside
+    # the two layers below.
     #
     # The two outermost layers, outermost first (ARCHITECTURE.md "The path of a request"):
     #   1. the OpenTelemetry server span (so a 500 from the catch-all handler is an error span)
@@ -124,7 +189,12 @@ def __getattr__(name: str) -> FastAPI:
     # `uvicorn backend.api.main:app` builds the app on first access, so importing this
     # module (tests, the CLI) never reads the environment or touches the database.
     if name == "app":
-        application = create_app()
+        try:
+            application = create_app()
+        except (ConfigurationError, ValidationError) as exc:
+            # Start-up refusal: one clear line and a non-zero exit, no traceback.
+            sys.stderr.write(f"configuration error: {exc}\n")
+            raise SystemExit(1) from None
         globals()["app"] = application
         return application
     raise AttributeError(name)
