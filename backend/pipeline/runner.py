@@ -82,7 +82,8 @@ class PipelineRunner:
                     )
                 )
                 count = int(getattr(result, "rowcount", 0) or 0)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError) as exc:
+            # The database may still be coming up; readiness says so, the app still starts.
             logger.warning("pipeline.recover.skipped", reason=type(exc).__name__)
             return 0
         if count:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import anyio.to_thread
+import structlog
 
 from backend.storage.base import (
     AREAS,
@@ -28,13 +29,21 @@ from backend.storage.base import (
 PARTIAL_DIR = ".partial"
 
 
+logger = structlog.get_logger(__name__)
+
+
 class LocalStorage:
     """Files under `root/<area>/<key>`; every path is resolved by `_resolve`."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
-        for area in (*AREAS, PARTIAL_DIR):
-            (self.root / area).mkdir(parents=True, exist_ok=True)
+        try:
+            for area in (*AREAS, PARTIAL_DIR):
+                (self.root / area).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # Start anyway: readiness reports the storage unhealthy, and operations
+            # answer 503 until the volume is fixed, instead of the process crash-looping.
+            logger.error("storage.local.unavailable", error_type=type(exc).__name__)
 
     def _resolve(self, path: str) -> tuple[StoragePath, Path]:
         """The checked path and its location, which must stay inside its area.

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from backend.api.main import create_app
 from backend.config import Settings
@@ -52,18 +53,22 @@ def client_for(app: FastAPI, ip: str = "203.0.113.10") -> httpx.AsyncClient:
 
 
 @asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[FastAPI]:
-    """An app with its lifespan running (database engine, start time, drain flag)."""
-    app = create_app(settings)
+async def running_app(
+    settings: Settings, exporter: SpanExporter | None = None
+) -> AsyncIterator[FastAPI]:
+    """An app with its lifespan running (database engine, start time, drain flag);
+    its spans go to `exporter` when one is given."""
+    app = create_app(settings, span_exporter=exporter)
     async with app.router.lifespan_context(app):
         yield app
 
 
 @asynccontextmanager
 async def app_client(
-    ip: str = "203.0.113.10", **overrides: Any
+    ip: str = "203.0.113.10", exporter: SpanExporter | None = None, **overrides: Any
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    async with running_app(make_settings(**overrides)) as app, client_for(app, ip) as client:
+    settings = make_settings(**overrides)
+    async with running_app(settings, exporter) as app, client_for(app, ip) as client:
         yield app, client
 
 

@@ -15,9 +15,7 @@ import httpx
 import pytest
 import structlog
 from fastapi import FastAPI
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -36,12 +34,10 @@ pytestmark = pytest.mark.usefixtures("clean_db")
 ENVELOPE_KEYS = {"code", "message", "request_id", "trace_id", "details"}
 
 
-def span_recorder() -> tuple[InMemorySpanExporter, trace.Tracer]:
-    """A private tracer whose finished spans can be inspected (no global provider)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter, provider.get_tracer("tests")
+def server_span(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
+    """The one finished server span called `name` (the route template)."""
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == name]
+    return span
 
 
 def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -234,16 +230,14 @@ class TestRequestLimits:
         assert_envelope(response, 400, "bad_request")
 
     async def test_request_timeout_is_504(self) -> None:
-        exporter, tracer = span_recorder()
-        async with app_client(REQUEST_TIMEOUT_SECONDS=1) as (_, client):
+        exporter = InMemorySpanExporter()
+        async with app_client(exporter=exporter, REQUEST_TIMEOUT_SECONDS=1) as (_, client):
             with structlog.testing.capture_logs() as logs:
-                # Stands in for the OTel server span the outermost layer will open.
-                with tracer.start_as_current_span("GET /_test/slow"):
-                    response = await client.get("/_test/slow", params={"seconds": 5})
+                response = await client.get("/_test/slow", params={"seconds": 5})
         error = assert_envelope(response, 504, "gateway_timeout")
         assert "took too long" in error["message"]
         assert any(line["event"] == "http.request.timeout" for line in logs)
-        (span,) = exporter.get_finished_spans()
+        span = server_span(exporter, "GET /_test/slow")
         assert span.status.status_code is StatusCode.ERROR
 
 
@@ -544,15 +538,12 @@ class TestErrorHandler:
         assert secret_value not in response.text and "not-an-email" not in response.text
         assert all(set(d) == {"location", "message", "type"} for d in error["details"])
 
-    async def test_500_does_not_expose_stack_trace(self, app: FastAPI) -> None:
-        exporter, tracer = span_recorder()
-        async with client_for(app) as client:
-            with (
-                structlog.testing.capture_logs() as logs,
-                tracer.start_as_current_span("GET /_test/crash"),
-            ):
+    async def test_500_does_not_expose_stack_trace(self) -> None:
+        exporter = InMemorySpanExporter()
+        async with app_client(exporter=exporter) as (_, client):
+            with structlog.testing.capture_logs() as logs:
                 response = await client.get("/_test/crash")
-        (span,) = exporter.get_finished_spans()
+        span = server_span(exporter, "GET /_test/crash")
         assert span.status.status_code is StatusCode.ERROR
         assert [event.name for event in span.events] == ["exception"]
         error = assert_envelope(response, 500, "internal_error")
