@@ -59,7 +59,7 @@ typecheck: install  ## mypy (strict)
 services:  ## Start PostgreSQL and Redis when they are not running; create the test database
 	@bash .ci/services.sh
 
-test: install lint services  ## ruff, then the whole pytest suite on PostgreSQL and Redis
+test: install lint typecheck services  ## ruff and mypy, then the whole pytest suite on PostgreSQL and Redis
 	TEST_DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) \
 		$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -48,7 +48,7 @@ def make_settings(**overrides: Any) -> Settings:
         "DB_MAX_OVERFLOW": 5,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 async def _reset_schema(url: str) -> None:

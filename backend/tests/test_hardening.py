@@ -268,7 +268,7 @@ def _raw_response(port: int, request: bytes) -> httpx.Response:
         raw = _read_all(sock)
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = [tuple(line.split(": ", 1)) for line in header_lines]
+    headers = [(name, value) for name, _, value in (ln.partition(": ") for ln in header_lines)]
     return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
 
 
