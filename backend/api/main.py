@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from backend.admin.routes import router as admin_router
 from backend.auth.routes import router as auth_router
 from backend.config import ConfigurationError, Settings, config_summary, get_settings
 from backend.database import Database
@@ -33,6 +34,7 @@ from backend.observability.logging_config import (
     replay_warnings,
     warnings_held_for_logging,
 )
+from backend.observability.metrics import MetricsCollector
 from backend.observability.tracing import Tracing, instrument_app, instrument_engine
 from backend.pipeline.routes import router as pipeline_router
 from backend.pipeline.runner import PipelineRunner
@@ -143,12 +145,15 @@ def create_app(
     )
     app.state.settings = settings
     app.state.tracing = Tracing(settings, span_exporter)
+    app.state.metrics = MetricsCollector()
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(users_router)
     app.include_router(files_router)
     app.include_router(pipeline_router)
+    if settings.ADMIN_DIAGNOSTICS_ENABLED:
+        app.include_router(admin_router)
     if settings.ENVIRONMENT == "test":
         from backend.api.debug import router as debug_router
 

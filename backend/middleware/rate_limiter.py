@@ -92,6 +92,7 @@ class RateLimiter:
         self.outage_since: float | None = None
         self.last_attempt = 0.0
         self.storage_errors = 0
+        self.rejected = 0
 
     @property
     def storage(self) -> Storage:
@@ -260,6 +261,7 @@ class RateLimitMiddleware:
         headers = rate_limit_headers(decision, now)
         if not decision.allowed:
             rejected_counter.add(1, {"rule": rule.name})
+            self.limiter.rejected += 1
             retry_after = max(1, math.ceil(decision.reset_at - now))
             logger.warning("ratelimit.exceeded", rule=rule.name, key_kind=identity.split(":")[0])
             response = error_response(

@@ -30,6 +30,7 @@ from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.config import Settings
+from backend.observability.metrics import MetricsCollector
 from backend.observability.tracing import ALB_TRACE_HEADER, parse_amzn_trace_header
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -71,9 +72,16 @@ def _route_template(router: Router | None, scope: Scope) -> str | None:
 class RequestContextMiddleware:
     """See the module docstring. `router` lets the route template be bound up front."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, router: Router | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        router: Router | None = None,
+        metrics: MetricsCollector | None = None,
+    ) -> None:
         self.app = app
         self.router = router
+        self.metrics = metrics
         self.slow_ms = settings.SLOW_REQUEST_THRESHOLD_MS
         # Per application, so a test app configured at DEBUG gets a DEBUG logger.
         self.logger = structlog.get_logger("backend.access")
@@ -191,6 +199,11 @@ class RequestContextMiddleware:
             self.logger.debug("http.request.completed", **fields)
         else:
             self.logger.info("http.request.completed", **fields)
+        if self.metrics is not None and path not in HEALTH_PATHS:
+            # Probes every few seconds would drown the latency figures of real traffic.
+            self.metrics.record_request(
+                str(fields["method"]), route or "unmatched", status_code, duration_ms
+            )
         if duration_ms > self.slow_ms:
             self.logger.warning(
                 "http.request.slow",
@@ -238,6 +251,7 @@ def install_request_context(app: Starlette, settings: Settings) -> None:
     Call after instrumenting `app`.
     """
     build_stack = app.build_middleware_stack
+    metrics: MetricsCollector | None = getattr(app.state, "metrics", None)
 
     def build_middleware_stack() -> ASGIApp:
         stack = build_stack()
@@ -245,8 +259,10 @@ def install_request_context(app: Starlette, settings: Settings) -> None:
         while node is not None and not isinstance(node, OpenTelemetryMiddleware):
             node = getattr(node, "app", None)
         if node is None:  # not instrumented: the request context is outermost
-            return FreshContextMiddleware(RequestContextMiddleware(stack, settings, app.router))
-        node.app = RequestContextMiddleware(node.app, settings, app.router)
+            return FreshContextMiddleware(
+                RequestContextMiddleware(stack, settings, app.router, metrics)
+            )
+        node.app = RequestContextMiddleware(node.app, settings, app.router, metrics)
         return FreshContextMiddleware(stack)
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]

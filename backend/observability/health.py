@@ -208,13 +208,20 @@ async def health_ready(request: Request) -> JSONResponse:
     """Readiness for the load balancer: 200 healthy/degraded, 503 unhealthy or draining."""
     if getattr(request.app.state, "draining", False):
         return JSONResponse(_base_body(request, "draining"), status_code=503)
+    body = await full_health(request)
+    settings: Settings = request.app.state.settings
+    if not settings.HEALTH_INCLUDE_DETAILS:
+        del body["components"]
+    return JSONResponse(body, status_code=503 if body["status"] == UNHEALTHY else 200)
+
+
+async def full_health(request: Request) -> dict[str, Any]:
+    """Every check, run concurrently and each bounded; the body with all components."""
     names = list(CHECKS)
     outcomes = await asyncio.gather(*(_bounded(CHECKS[n], request) for n in names))
     results = dict(zip(names, outcomes, strict=True))
     _log_transitions(request, results)
     overall = max((r.status for r in results.values()), key=_RANK.__getitem__)
     body = _base_body(request, overall)
-    settings: Settings = request.app.state.settings
-    if settings.HEALTH_INCLUDE_DETAILS:
-        body["components"] = {name: r.as_dict() for name, r in results.items()}
-    return JSONResponse(body, status_code=503 if overall == UNHEALTHY else 200)
+    body["components"] = {name: r.as_dict() for name, r in results.items()}
+    return body

@@ -29,6 +29,13 @@ from backend.api.main import create_app
 from backend.config import Settings
 from backend.observability import tracing
 from backend.observability.logging_config import configure_logging
+from backend.observability.metrics import (
+    LATENCY_SAMPLES,
+    MAX_ROUTE_KEYS,
+    OTHER_ROUTE,
+    MetricsCollector,
+    percentile,
+)
 from backend.tests.conftest import (
     ADMIN_PASSWORD,
     TEST_SECRET,
@@ -819,3 +826,168 @@ class TestDeployFiles:
         for name in names:
             assert f"\n{name}=" in env_example, name
             assert f"| `{name}` |" in readme, name
+
+
+# ------------------------------------------------------------- metrics and admin
+
+
+class TestMetrics:
+    def test_record_request(self) -> None:
+        collector = MetricsCollector()
+        collector.record_request("GET", "/api/users", 200, 12.5)
+        collector.record_request("GET", "/api/users", 404, 3.0)
+        collector.record_request("POST", "/api/auth/login", 401, 40.0)
+        snap = collector.snapshot()
+        assert snap["requests"]["total"] == 3
+        assert snap["requests"]["window"] == 3
+        assert snap["status_codes"] == {"200": 1, "401": 1, "404": 1}
+        assert snap["top_routes"] == {"GET /api/users": 2, "POST /api/auth/login": 1}
+
+    def test_error_rate_calculation(self) -> None:
+        collector = MetricsCollector()
+        for status in (200, 200, 500, 503, 404, 200, 200, 200):
+            collector.record_request("GET", "/x", status, 1.0)
+        requests = collector.snapshot()["requests"]
+        assert requests["errors_total"] == 2
+        assert requests["error_rate"] == 25.0  # only 5xx count as errors
+
+    def test_latency_percentiles(self) -> None:
+        collector = MetricsCollector()
+        for ms in range(1, 101):  # 1..100 ms, shuffled order must not matter
+            collector.record_request("GET", "/x", 200, float((ms * 37) % 100 + 1))
+        latency = collector.snapshot()["latency_ms"]
+        assert (latency["p50"], latency["p95"], latency["p99"], latency["max"]) == (
+            50.0,
+            95.0,
+            99.0,
+            100.0,
+        )
+        assert latency["samples"] == 100
+        assert percentile([], 0.5) == 0.0
+
+    def test_latency_window_is_bounded(self) -> None:
+        collector = MetricsCollector()
+        for _ in range(LATENCY_SAMPLES + 500):
+            collector.record_request("GET", "/x", 200, 1.0)
+        snap = collector.snapshot()
+        assert snap["latency_ms"]["samples"] == LATENCY_SAMPLES
+        assert snap["requests"]["total"] == LATENCY_SAMPLES + 500
+
+    def test_route_keys_are_capped(self) -> None:
+        collector = MetricsCollector()
+        for n in range(MAX_ROUTE_KEYS + 50):
+            collector.record_request(f"M{n}", "unmatched", 405, 1.0)
+        routes = collector._window.routes
+        assert len(routes) == MAX_ROUTE_KEYS + 1
+        assert routes[OTHER_ROUTE] == 50
+
+    def test_pipeline_metrics(self) -> None:
+        collector = MetricsCollector()
+        collector.record_pipeline_run("completed", 1000)
+        collector.record_pipeline_run("completed", 250)
+        collector.record_pipeline_run("failed", 10)
+        pipeline = collector.snapshot()["pipeline"]
+        assert pipeline == {
+            "runs_total": 3,
+            "completed": 2,
+            "failed": 1,
+            "interrupted": 0,
+            "loans_processed": 1260,
+        }
+
+    def test_reset_window(self) -> None:
+        collector = MetricsCollector()
+        collector.record_request("GET", "/x", 500, 5.0)
+        collector.reset_window()
+        snap = collector.snapshot()
+        assert snap["requests"]["window"] == 0
+        assert snap["latency_ms"]["samples"] == 0
+        assert snap["status_codes"] == {}
+        # Totals since start-up survive a window reset.
+        assert snap["requests"]["total"] == 1
+        assert snap["requests"]["errors_total"] == 1
+
+
+class TestAdminEndpoints:
+    ADMIN_PATHS = ("/admin/metrics", "/admin/health/detailed", "/admin/config", "/admin/info")
+
+    async def test_admin_metrics_requires_auth(self, client: httpx.AsyncClient) -> None:
+        for path in self.ADMIN_PATHS:
+            response = await client.get(path)
+            assert response.status_code == 401, path
+            assert response.json()["error"]["code"] == "unauthorized"
+        assert (await client.post("/admin/metrics/reset")).status_code == 401
+
+    async def test_admin_metrics_requires_admin_role(
+        self, client: httpx.AsyncClient, make_user: UserFactory
+    ) -> None:
+        analyst = await make_user("analyst")
+        for path in self.ADMIN_PATHS:
+            response = await client.get(path, headers=analyst["headers"])
+            assert response.status_code == 403, path
+            assert response.json()["error"]["code"] == "forbidden"
+
+    async def test_admin_metrics_counts_real_requests(
+        self, client: httpx.AsyncClient, admin_headers: dict[str, str]
+    ) -> None:
+        await client.post("/admin/metrics/reset", headers=admin_headers)
+        for _ in range(3):
+            assert (await client.get("/api/healthcare")).status_code == 200
+        assert (await client.get("/api/test/boom")).status_code == 500
+        assert (await client.get("/health/ready")).status_code == 200  # not counted
+        body = (await client.get("/admin/metrics", headers=admin_headers)).json()
+        assert body["top_routes"]["GET /api/healthcare"] == 3
+        assert body["top_routes"]["GET /api/test/boom"] == 1
+        assert not any(key.startswith("GET /health") for key in body["top_routes"])
+        assert body["requests"]["window_errors"] == 1
+        assert body["status_codes"]["500"] == 1
+        assert body["latency_ms"]["p99"] > 0
+
+    async def test_admin_health_detailed(
+        self, app: FastAPI, client: httpx.AsyncClient, admin_headers: dict[str, str]
+    ) -> None:
+        app.state.settings = app.state.settings.model_copy(update={"HEALTH_INCLUDE_DETAILS": False})
+        public = (await client.get("/health/ready")).json()
+        assert "components" not in public
+        detailed = (await client.get("/admin/health/detailed", headers=admin_headers)).json()
+        assert set(detailed["components"]) == {"database", "storage", "system"}
+        assert detailed["components"]["database"]["status"] in ("healthy", "degraded")
+        assert detailed["version"] == app.state.settings.APP_VERSION
+
+    async def test_admin_config_redacts_secrets(
+        self, client: httpx.AsyncClient, admin_headers: dict[str, str]
+    ) -> None:
+        response = await client.get("/admin/config", headers=admin_headers)
+        assert response.status_code == 200
+        config = response.json()
+        assert config["SECRET_KEY"] == "***"
+        assert config["ADMIN_PASSWORD"] == "***"
+        assert config["ENVIRONMENT"] == "test"
+        assert config["DB_POOL_SIZE"] == 5
+        assert TEST_SECRET not in response.text
+        assert ADMIN_PASSWORD not in response.text
+
+    async def test_admin_config_masks_database_password(
+        self, clean_db: str, admin_headers: dict[str, str]
+    ) -> None:
+        url = clean_db.replace("postgres@", "postgres:db-pass-xyz@", 1)
+        async with running(make_settings(DATABASE_URL=url)) as (_, c):
+            token = await login(c, "admin", ADMIN_PASSWORD)
+            response = await c.get("/admin/config", headers=bearer(token))
+        assert "db-pass-xyz" not in response.text
+        assert ":***@" in response.json()["DATABASE_URL"]
+
+    async def test_admin_system_info(
+        self, client: httpx.AsyncClient, admin_headers: dict[str, str]
+    ) -> None:
+        info = (await client.get("/admin/info", headers=admin_headers)).json()
+        assert info["python_version"].startswith("3.11")
+        assert info["database"]["dialect"] == "postgresql"
+        assert info["database"]["pool"]["size"] == 5
+        assert info["process"]["rss_mb"] > 0
+
+    async def test_admin_endpoints_can_be_disabled(self, clean_db: str) -> None:
+        async with running(make_settings(ADMIN_DIAGNOSTICS_ENABLED=False)) as (_, c):
+            token = await login(c, "admin", ADMIN_PASSWORD)
+            response = await c.get("/admin/metrics", headers=bearer(token))
+        assert response.status_code == 404
