@@ -160,8 +160,11 @@ class PipelineRunner:
             await self._run_traced(run_id, span)
 
     async def _run_traced(self, run_id: uuid.UUID, span: Span) -> None:
+        """Wait for a slot, execute, record the outcome in the database and on `span`."""
         try:
             async with self._slots:
+                # The root span opened at submission; this marks the end of the queue wait.
+                span.add_event("pipeline.run.slot_acquired")
                 if not self._accepting:
                     # Shutdown began while this run waited for a slot: it never starts.
                     set_run_outcome(span, RunStatus.INTERRUPTED.value)
