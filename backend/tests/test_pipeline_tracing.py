@@ -28,7 +28,7 @@ from backend.config import Settings
 from backend.pipeline.phases import PHASE_NAMES, default_phases
 from backend.pipeline.phases.base import Batch, Phase, RunContext
 from backend.pipeline.phases.report import ReportPhase
-from backend.pipeline.runner import INTERNAL_MESSAGE
+from backend.pipeline.runner import INTERNAL_MESSAGE, INTERRUPTED_MESSAGE
 from backend.pipeline.tape import generate_tape
 from backend.tests.conftest import UserFactory, make_settings
 from backend.tests.obs_helpers import events, json_lines
@@ -449,3 +449,45 @@ async def test_concurrent_runs_keep_their_own_trace_and_run_id(
     for line in lines:
         if "run_id" in line:
             assert line["trace_id"] == roots[line["run_id"]], line
+
+
+class HeldReport(ReportPhase):
+    """Holds the run inside its first batch until it is cancelled."""
+
+    reached: asyncio.Event
+
+    async def process(self, batch: Batch, ctx: RunContext) -> None:
+        self.reached.set()
+        await asyncio.Event().wait()
+
+
+async def test_an_interrupted_run_still_ends_every_span(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    analyst: dict[str, str],
+    exporter: InMemorySpanExporter,
+) -> None:
+    reached = asyncio.Event()
+
+    def phases() -> list[Phase]:
+        held = HeldReport()
+        held.reached = reached
+        return [*default_phases()[:-1], held]
+
+    app.state.runner.engine.phases = phases
+    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    exporter.clear()
+    response = await client.post("/api/pipeline/run", json={"input_path": path}, headers=analyst)
+    assert response.status_code == 202
+    await asyncio.wait_for(reached.wait(), DEADLINE_SECONDS)
+    assert not [s for s in exporter.get_finished_spans() if s.name == "pipeline.run"]
+    await app.state.runner.shutdown(drain_seconds=0)
+
+    root, spans = run_trace(exporter)
+    assert root.status.status_code == StatusCode.ERROR
+    assert root.status.description == INTERRUPTED_MESSAGE
+    assert attrs(root)["pipeline.status"] == "interrupted"
+    phases_ended = {s.name: s for s in spans if s.name.startswith("pipeline.phase.")}
+    assert set(phases_ended) == PHASE_SPANS
+    assert phases_ended["pipeline.phase.report"].status.status_code == StatusCode.ERROR
+    assert all(attrs(s)["pipeline.phase.aborted"] is True for s in phases_ended.values())
