@@ -93,8 +93,8 @@ class PipelineEngine:
         started: list[Phase] = []
         try:
             for phase in phases:
-                started.append(phase)
                 spans[phase.name] = PhaseSpan(phase.name)
+                started.append(phase)
                 await timed(phase, phase.start(ctx))
             index = 0
             while not ctx.exhausted:

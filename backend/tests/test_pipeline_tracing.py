@@ -282,6 +282,10 @@ async def test_run_log_lines_carry_run_id_and_the_runs_trace(
         assert len(line["span_id"]) == 16
         # The queueing request's log context stays with the request.
         assert "request_id" not in line and "user" not in line, line
+    # Conversely, every line of the run's trace names the run.
+    for line in lines:
+        if line.get("trace_id") == hex_trace(root):
+            assert line.get("run_id") == accepted["run_id"], line
     # ... and run_id never leaks into a request's lines.
     request = post_span(exporter)
     (queued,) = events(lines, "http.request.completed", request_id="queue-the-run")
