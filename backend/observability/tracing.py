@@ -169,6 +169,33 @@ class AlbAwareIdGenerator(AwsXRayIdGenerator):
         return super().generate_trace_id()
 
 
+def plan_trace_id() -> int | None:
+    """A fresh trace id that the next root span started by `new_trace_context` will take.
+
+    None when the process provider does not use `AlbAwareIdGenerator` (another
+    provider was installed first, or tracing is not started): the id cannot be
+    chosen in advance then, and the caller reads it from the span once started.
+    """
+    provider = trace.get_tracer_provider()
+    if not isinstance(getattr(provider, "id_generator", None), AlbAwareIdGenerator):
+        return None
+    return AwsXRayIdGenerator().generate_trace_id()
+
+
+def new_trace_context(trace_id: int | None = None) -> Context:
+    """An empty context (no parent span, no baggage) for starting a NEW trace.
+
+    Attach it while starting the root span: with `trace_id` (from `plan_trace_id`)
+    the span takes that id, otherwise a fresh one. The id generator reads the
+    attached context, not the one passed to `start_span`, hence "attach".
+    """
+    context = Context()
+    if trace_id is None:
+        return context
+    # The same slot the ALB Root uses: "the trace id of the next root span here".
+    return otel_context.set_value(_ALB_ROOT_KEY, trace_id, context)
+
+
 def build_propagator(names: Iterable[str]) -> TextMapPropagator:
     """The composite of the named propagators (entry points), then the ALB Root one."""
     propagators: list[TextMapPropagator] = []

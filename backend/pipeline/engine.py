@@ -1,4 +1,8 @@
-"""Run the seven phases over one tape, batch by batch, timing each phase."""
+"""Run the seven phases over one tape, batch by batch, timing and tracing each phase.
+
+Each phase has one span for the whole run, current around every call into the
+phase (see `backend.pipeline.telemetry` for why one span per phase, not per batch).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from backend.database import Database
 from backend.errors import AppError
 from backend.pipeline.phases import default_phases
 from backend.pipeline.phases.base import Batch, Phase, PipelineFailure, RunContext, RunCounts
+from backend.pipeline.telemetry import PhaseSpan, record_error
 from backend.storage import Storage
 
 logger = structlog.get_logger(__name__)
@@ -59,26 +64,47 @@ class PipelineEngine:
         for phase in phases:
             durations[phase.name] = 0.0
 
+        spans: dict[str, PhaseSpan] = {}
+
         async def timed(phase: Phase, step: Awaitable[None]) -> None:
             began = time.perf_counter()
-            try:
-                await step
-            except AppError as exc:
-                # Storage and other domain errors carry a client-safe message already.
-                raise PipelineFailure(f"{phase.name}: {exc.message}") from exc
-            finally:
-                durations[phase.name] += time.perf_counter() - began
+            phase_span = spans[phase.name]
+            with phase_span.attached() as span:
+                try:
+                    await step
+                except AppError as exc:
+                    # Storage and other domain errors carry a client-safe message already.
+                    failure = PipelineFailure(f"{phase.name}: {exc.message}")
+                    record_error(span, exc, failure.message)
+                    raise failure from exc
+                except PipelineFailure as exc:
+                    record_error(span, exc, exc.message)
+                    raise
+                except BaseException as exc:
+                    record_error(span, exc)
+                    raise
+                finally:
+                    durations[phase.name] += time.perf_counter() - began
+
+        def size(batch: Batch) -> int:
+            # Rows a batch carries: raw records until validate turns them into LoanRows.
+            return len(batch.raw) + len(batch.rows)
 
         started: list[Phase] = []
         try:
             for phase in phases:
+                spans[phase.name] = PhaseSpan(phase.name)
                 started.append(phase)
                 await timed(phase, phase.start(ctx))
             index = 0
             while not ctx.exhausted:
                 batch = Batch(index=index)
                 for phase in phases:
+                    rows_in, exceptions_in = size(batch), len(batch.exceptions)
                     await timed(phase, phase.process(batch, ctx))
+                    spans[phase.name].count(
+                        rows_in, size(batch), len(batch.exceptions) - exceptions_in
+                    )
                 logger.debug(
                     "pipeline.batch.completed",
                     batch=index,
@@ -88,6 +114,7 @@ class PipelineEngine:
                 index += 1
             for phase in phases:
                 await timed(phase, phase.finish(ctx))
+                spans[phase.name].end(durations[phase.name])
                 logger.info(
                     "pipeline.phase.completed",
                     phase=phase.name,
@@ -95,14 +122,22 @@ class PipelineEngine:
                 )
         except BaseException:
             for phase in reversed(started):
+                phase_span = spans[phase.name]
                 try:
-                    await phase.abort(ctx)
+                    if phase_span.ended:
+                        await phase.abort(ctx)
+                    else:
+                        # Under the phase's span: a rollback is that phase's statement.
+                        with phase_span.attached():
+                            await phase.abort(ctx)
                 except Exception as exc:
                     logger.warning(
                         "pipeline.phase.abort_failed",
                         phase=phase.name,
                         error_type=type(exc).__name__,
                     )
+                finally:
+                    phase_span.end(durations[phase.name], aborted=True)
             raise
         return RunResult(
             counts=ctx.counts, durations={k: round(v, 4) for k, v in durations.items()}

@@ -7,11 +7,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from backend.api.dependencies import AnalystUser, CurrentUser, RunnerDep, SessionDep, StorageDep
+from backend.api.dependencies import (
+    AnalystUser,
+    CurrentUser,
+    RunnerDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+)
+from backend.config import Settings
 from backend.errors import ServiceUnavailable
-from backend.models import RunStatus, Severity
+from backend.models import PipelineRun, RunStatus, Severity
 from backend.pagination import Page, PageDep
-from backend.pipeline import service
+from backend.pipeline import service, telemetry
 from backend.pipeline.schemas import (
     ExceptionRead,
     FactRead,
@@ -23,6 +31,12 @@ from backend.pipeline.schemas import (
 router = APIRouter(prefix="/api/pipeline", tags=["pipeline"])
 
 
+def _read(run: PipelineRun, settings: Settings) -> RunRead:
+    read = RunRead.model_validate(run)
+    read.trace_url = telemetry.run_trace_url(settings, run.trace_id)
+    return read
+
+
 @router.post("/run", status_code=status.HTTP_202_ACCEPTED, response_model=RunAccepted)
 async def start_run(
     body: RunRequest,
@@ -30,13 +44,22 @@ async def start_run(
     session: SessionDep,
     storage: StorageDep,
     runner: RunnerDep,
+    settings: SettingsDep,
 ) -> RunAccepted:
-    run = await service.create_run(session, storage, user, body.input_path)
+    # The run becomes a trace of its own, linked to this request's span.
+    seed = telemetry.seed_from_request()
+    run = await service.create_run(session, storage, user, body.input_path, seed.trace_id_hex)
+    telemetry.mark_request(run.id, seed)
     try:
-        runner.submit(run.id)
+        runner.submit(run.id, seed)
     except RuntimeError:
         raise ServiceUnavailable("The service is shutting down; try again shortly") from None
-    return RunAccepted(run_id=run.id, status=run.status)
+    return RunAccepted(
+        run_id=run.id,
+        status=run.status,
+        trace_id=run.trace_id,
+        trace_url=telemetry.run_trace_url(settings, run.trace_id),
+    )
 
 
 @router.get("/runs", response_model=Page[RunRead])
@@ -44,16 +67,19 @@ async def list_runs(
     _user: CurrentUser,
     session: SessionDep,
     page: PageDep,
+    settings: SettingsDep,
     status: RunStatus | None = None,
 ) -> Page[RunRead]:
     runs, total = await service.list_runs(session, page, status)
-    items = [RunRead.model_validate(r) for r in runs]
+    items = [_read(r, settings) for r in runs]
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
 @router.get("/runs/{run_id}", response_model=RunRead)
-async def get_run(run_id: uuid.UUID, _user: CurrentUser, session: SessionDep) -> RunRead:
-    return RunRead.model_validate(await service.get_run(session, run_id))
+async def get_run(
+    run_id: uuid.UUID, _user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> RunRead:
+    return _read(await service.get_run(session, run_id), settings)
 
 
 @router.get("/runs/{run_id}/exceptions", response_model=Page[ExceptionRead])

@@ -3,6 +3,10 @@
 `submit` starts a task per run; a semaphore of PIPELINE_MAX_CONCURRENT_RUNS
 slots decides which ones execute, the rest stay `queued`. The runner owns
 every status change after `queued`: running, completed, failed, interrupted.
+
+Each run is one trace of its own (`backend.pipeline.telemetry`): its task
+starts the root span `pipeline.run`, linked to the request that queued it,
+and every log line of the task carries `run_id` and the run's trace ids.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from datetime import UTC, datetime
 
 import anyio
 import structlog
+from opentelemetry.trace import Span, Status, StatusCode
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,6 +27,13 @@ from backend.database import Database
 from backend.models import LoanException, LoanFact, PipelineRun, RunStatus
 from backend.pipeline.engine import PipelineEngine, RunResult
 from backend.pipeline.phases.base import PipelineFailure
+from backend.pipeline.telemetry import (
+    RunTraceSeed,
+    current_trace_id,
+    record_error,
+    run_span,
+    set_run_outcome,
+)
 from backend.storage import Storage
 
 logger = structlog.get_logger(__name__)
@@ -59,11 +71,15 @@ class PipelineRunner:
         """Runs holding a slot right now."""
         return len(self._executing)
 
-    def submit(self, run_id: uuid.UUID) -> None:
-        """Schedule a committed `queued` run. Refused (RuntimeError) after shutdown began."""
+    def submit(self, run_id: uuid.UUID, seed: RunTraceSeed | None = None) -> None:
+        """Schedule a committed `queued` run. Refused (RuntimeError) after shutdown began.
+
+        `seed` (from the request that queued the run) gives the run's trace its
+        planned id and the link back to that request.
+        """
         if not self._accepting:
             raise RuntimeError("the pipeline runner is shutting down")
-        task = asyncio.create_task(self._run(run_id), name=f"pipeline-run-{run_id}")
+        task = asyncio.create_task(self._run(run_id, seed), name=f"pipeline-run-{run_id}")
         self._tasks[run_id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(run_id, None))
 
@@ -134,19 +150,35 @@ class PipelineRunner:
         except Exception:
             logger.exception("pipeline.runner.interrupt_failed")
 
-    async def _run(self, run_id: uuid.UUID) -> None:
+    async def _run(self, run_id: uuid.UUID, seed: RunTraceSeed | None) -> None:
+        # The task runs in a copy of the submitting request's context: drop that
+        # request's log fields (request_id, user, ...), which would misattribute the
+        # run's lines. The copy is the task's own, so neither this nor run_id reaches
+        # the request or any other task.
+        structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(run_id=str(run_id))
+        with run_span(run_id, seed) as span:
+            await self._run_traced(run_id, span)
+
+    async def _run_traced(self, run_id: uuid.UUID, span: Span) -> None:
+        """Wait for a slot, execute, record the outcome in the database and on `span`."""
         try:
             async with self._slots:
+                # The root span opened at submission; this marks the end of the queue wait.
+                span.add_event("pipeline.run.slot_acquired")
                 if not self._accepting:
                     # Shutdown began while this run waited for a slot: it never starts.
+                    set_run_outcome(span, RunStatus.INTERRUPTED.value)
+                    span.set_status(Status(StatusCode.ERROR, INTERRUPTED_MESSAGE))
                     await self._finish_unsuccessfully(
                         run_id, RunStatus.INTERRUPTED, INTERRUPTED_MESSAGE
                     )
                     return
                 input_path = await self._mark_running(run_id)
                 if input_path is None:
+                    set_run_outcome(span, "skipped")
                     return
+                span.set_attribute("pipeline.input_path", input_path)
                 self._executing.add(run_id)
                 try:
                     if self.before_execute is not None:
@@ -155,18 +187,25 @@ class PipelineRunner:
                 finally:
                     self._executing.discard(run_id)
         except asyncio.CancelledError:
+            set_run_outcome(span, RunStatus.INTERRUPTED.value)
+            span.set_status(Status(StatusCode.ERROR, INTERRUPTED_MESSAGE))
             with anyio.CancelScope(shield=True):
                 await self._finish_unsuccessfully(
                     run_id, RunStatus.INTERRUPTED, INTERRUPTED_MESSAGE
                 )
             raise
         except PipelineFailure as exc:
+            set_run_outcome(span, RunStatus.FAILED.value)
+            span.set_status(Status(StatusCode.ERROR, exc.message))
             logger.warning("pipeline.run.failed", reason=exc.message)
             await self._finish_unsuccessfully(run_id, RunStatus.FAILED, exc.message)
-        except Exception:
+        except Exception as exc:
+            set_run_outcome(span, RunStatus.FAILED.value)
+            record_error(span, exc)
             logger.exception("pipeline.run.crashed")
             await self._finish_unsuccessfully(run_id, RunStatus.FAILED, INTERNAL_MESSAGE)
         else:
+            set_run_outcome(span, RunStatus.COMPLETED.value, result.counts.as_dict())
             await self._mark_completed(run_id, result)
 
     async def _mark_running(self, run_id: uuid.UUID) -> str | None:
@@ -180,6 +219,9 @@ class PipelineRunner:
             run.status = RunStatus.RUNNING
             run.started_at = datetime.now(UTC)
             run.output_prefix = self.engine.output_prefix(run_id)
+            # The id the run's trace really has (the planned one, unless another
+            # tracer provider chose its own); None when tracing is off.
+            run.trace_id = current_trace_id()
             input_path = run.input_path
         logger.info("pipeline.run.started", input_path=input_path)
         return input_path

@@ -19,6 +19,8 @@ class RunRequest(BaseModel):
 class RunAccepted(BaseModel):
     run_id: uuid.UUID
     status: RunStatus
+    trace_id: str | None = None
+    trace_url: str | None = None
 
 
 class RunRead(BaseModel):
@@ -40,6 +42,8 @@ class RunRead(BaseModel):
     error_message: str | None
     created_by: int | None
     trace_id: str | None
+    # Not a column: where the trace opens (TRACE_UI), filled in by the route.
+    trace_url: str | None = None
 
 
 class ExceptionRead(BaseModel):

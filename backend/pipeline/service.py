@@ -26,9 +26,15 @@ class RunNotFound(NotFound):
 
 
 async def create_run(
-    session: AsyncSession, storage: Storage, user: User, input_path: str
+    session: AsyncSession,
+    storage: Storage,
+    user: User,
+    input_path: str,
+    trace_id: str | None = None,
 ) -> PipelineRun:
     """A committed `queued` run for an existing tape under `inputs/`.
+
+    `trace_id` is the run's planned trace id (32 hex), when known in advance.
 
     Committed here, not at the request boundary, because the runner reads the
     row from its own session as soon as the run is submitted.
@@ -43,6 +49,7 @@ async def create_run(
         input_path=str(checked),
         created_by=user.id,
         phase_durations={},
+        trace_id=trace_id,
     )
     session.add(run)
     await session.commit()

@@ -7,6 +7,10 @@ batches); the phase's duration is then the time the run waited on the
 database. Other databases get one multi-row INSERT per batch. Either way
 nothing is committed until `finish`, so a run that fails part-way leaves no
 facts behind.
+
+COPY and the driver-level BEGIN/COMMIT/ROLLBACK bypass SQLAlchemy, so its
+instrumentation cannot see them: each gets a client span of its own here (one
+per statement, i.e. per batch and table, never per row), under the phase span.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backend.models import LoanException, LoanFact
 from backend.pipeline.phases.base import BasePhase, Batch, RunContext
+from backend.pipeline.telemetry import db_span
 
 logger = structlog.get_logger(__name__)
 
@@ -59,6 +64,11 @@ EXCEPTION_COLUMNS = (
     "field",
     "message",
 )
+# The statements asyncpg sends for copy_records_to_table, as the spans show them.
+COPY_FACTS = f"COPY loan_facts ({', '.join(FACT_COLUMNS)}) FROM STDIN (FORMAT binary)"
+COPY_EXCEPTIONS = (
+    f"COPY loan_exceptions ({', '.join(EXCEPTION_COLUMNS)}) FROM STDIN (FORMAT binary)"
+)
 
 
 class PersistPhase(BasePhase):
@@ -70,16 +80,19 @@ class PersistPhase(BasePhase):
         self._transaction: Any = None
         self._seq = 0
         self._inflight: asyncio.Task[None] | None = None
+        self._db_name = ""
 
     async def start(self, ctx: RunContext) -> None:
         self._conn = await ctx.database.engine.connect()
         if ctx.database.engine.dialect.name == "postgresql":
             raw = await self._conn.get_raw_connection()
             self._copy = raw.driver_connection
+            self._db_name = ctx.database.engine.url.database or ""
             # The run's own transaction on the driver connection: SQLAlchemy's would
             # only begin lazily on its first statement, and COPY bypasses SQLAlchemy.
             self._transaction = self._copy.transaction()
-            await self._transaction.start()
+            with self._span("BEGIN"):
+                await self._transaction.start()
         else:
             self._transaction = await self._conn.begin()
 
@@ -149,13 +162,22 @@ class PersistPhase(BasePhase):
         self, facts: list[tuple[Any, ...]], problems: list[tuple[Any, ...]]
     ) -> None:
         if facts:
-            await self._copy.copy_records_to_table(
-                "loan_facts", records=facts, columns=FACT_COLUMNS
-            )
+            with self._span("COPY loan_facts", COPY_FACTS, len(facts)):
+                await self._copy.copy_records_to_table(
+                    "loan_facts", records=facts, columns=FACT_COLUMNS
+                )
         if problems:
-            await self._copy.copy_records_to_table(
-                "loan_exceptions", records=problems, columns=EXCEPTION_COLUMNS
-            )
+            with self._span("COPY loan_exceptions", COPY_EXCEPTIONS, len(problems)):
+                await self._copy.copy_records_to_table(
+                    "loan_exceptions", records=problems, columns=EXCEPTION_COLUMNS
+                )
+
+    def _span(self, operation: str, statement: str | None = None, rows: int | None = None) -> Any:
+        """A client span for one driver-level statement (SQLAlchemy cannot see these)."""
+        attributes: dict[str, Any] = {"db.name": self._db_name}
+        if rows is not None:
+            attributes["db.operation.batch.size"] = rows
+        return db_span("postgresql", operation, statement or operation, **attributes)
 
     async def _wait_inflight(self) -> None:
         """Wait for the previous batch's COPY; its error, if any, surfaces here."""
@@ -165,7 +187,11 @@ class PersistPhase(BasePhase):
 
     async def finish(self, ctx: RunContext) -> None:
         await self._wait_inflight()
-        await self._transaction.commit()
+        if self._copy is not None:
+            with self._span("COMMIT"):
+                await self._transaction.commit()
+        else:
+            await self._transaction.commit()
         self._transaction = None
         await self._release()
 
@@ -183,7 +209,11 @@ class PersistPhase(BasePhase):
                 self._inflight = None
             try:
                 if self._transaction is not None and trusted:
-                    await self._transaction.rollback()
+                    if self._copy is not None:
+                        with self._span("ROLLBACK"):
+                            await self._transaction.rollback()
+                    else:
+                        await self._transaction.rollback()
             except Exception as exc:
                 trusted = False
                 logger.warning("pipeline.persist.rollback_failed", error_type=type(exc).__name__)
