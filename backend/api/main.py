@@ -71,7 +71,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.db = database
     storage = create_storage(settings)
     app.state.storage = storage
-    runner = PipelineRunner(database, storage, settings)
+    runner = PipelineRunner(database, storage, settings, metrics=app.state.metrics)
     app.state.runner = runner
     await seed_admin(database, settings)
     await runner.recover()

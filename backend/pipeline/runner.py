@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from backend.config import Settings
 from backend.database import Database
 from backend.models import LoanException, LoanFact, PipelineRun, RunStatus
+from backend.observability.metrics import MetricsCollector
 from backend.pipeline.engine import PipelineEngine, RunResult
 from backend.pipeline.phases.base import PipelineFailure
 from backend.pipeline.telemetry import (
@@ -53,8 +54,10 @@ class PipelineRunner:
         storage: Storage,
         settings: Settings,
         engine: PipelineEngine | None = None,
+        metrics: MetricsCollector | None = None,
     ) -> None:
         self.database = database
+        self.metrics = metrics
         self.storage = storage
         self.settings = settings
         self.engine = engine or PipelineEngine(database, storage, settings)
@@ -244,12 +247,16 @@ class PipelineRunner:
                 )
             )
         logger.info("pipeline.run.completed", **counts.as_dict())
+        if self.metrics is not None:
+            self.metrics.record_pipeline_run(RunStatus.COMPLETED.value, counts.total)
 
     async def _finish_unsuccessfully(
         self, run_id: uuid.UUID, status: RunStatus, message: str
     ) -> None:
         """Record the outcome and remove anything the run wrote, so no partial result
         can pass for a complete one."""
+        if self.metrics is not None:
+            self.metrics.record_pipeline_run(status.value, 0)
         try:
             async with self.database.session() as session:
                 await session.execute(delete(LoanFact).where(LoanFact.run_id == run_id))

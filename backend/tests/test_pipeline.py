@@ -81,7 +81,7 @@ async def analyst(make_user: UserFactory) -> dict[str, str]:
 
 
 async def test_known_tape_upload_run_and_results(
-    client: httpx.AsyncClient, analyst: dict[str, str], make_user: UserFactory
+    client: httpx.AsyncClient, analyst: dict[str, str], make_user: UserFactory, app: FastAPI
 ) -> None:
     path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
     run_id = await start(client, analyst, path)
@@ -101,6 +101,8 @@ async def test_known_tape_upload_run_and_results(
         "ingest", "validate", "normalize", "enrich", "eligibility", "persist", "report",
     }  # fmt: skip
     assert run["started_at"] and run["finished_at"]
+    pipeline_metrics = app.state.metrics.snapshot()["pipeline"]
+    assert (pipeline_metrics["completed"], pipeline_metrics["loans_processed"]) == (1, 14)
 
     viewer = (await make_user("viewer"))["headers"]
     exceptions = await client.get(
@@ -205,6 +207,7 @@ async def test_missing_column_fails_cleanly(
     assert run["status"] == "failed"
     assert run["error_message"] == "The tape is missing required columns: credit_score, state"
     assert run["total_loans"] == 0
+    assert app.state.metrics.snapshot()["pipeline"]["failed"] == 1
     facts = await client.get(f"/api/pipeline/runs/{run_id}/facts", headers=analyst)
     assert facts.json()["total"] == 0
     outputs = await client.get(
