@@ -31,6 +31,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "origination_date",
     "sales_team",
 )
+# Computed by the enrich phase; stored with each fact and written to eligible.csv.
+DERIVED_COLUMNS: tuple[str, ...] = ("monthly_payment", "ltv", "dti", "grade")
 
 # Weights loosely follow where US mortgages are written.
 _STATES = (

@@ -27,33 +27,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backend.models import LoanException, LoanFact
 from backend.pipeline.phases.base import BasePhase, Batch, RunContext
+from backend.pipeline.tape import DERIVED_COLUMNS, REQUIRED_COLUMNS
 from backend.pipeline.telemetry import db_span
 
 logger = structlog.get_logger(__name__)
 
-FACT_COLUMNS = (
-    "run_id",
-    "row_number",
-    "loan_id",
-    "borrower_id",
-    "amount",
-    "rate",
-    "term_months",
-    "credit_score",
-    "annual_income",
-    "monthly_debt",
-    "property_value",
-    "state",
-    "property_type",
-    "occupancy",
-    "origination_date",
-    "sales_team",
-    "monthly_payment",
-    "ltv",
-    "dti",
-    "grade",
-    "eligible",
-)
+FACT_COLUMNS = ("run_id", "row_number", *REQUIRED_COLUMNS, *DERIVED_COLUMNS, "eligible")
 EXCEPTION_COLUMNS = (
     "run_id",
     "seq",

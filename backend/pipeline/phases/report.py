@@ -16,31 +16,12 @@ from typing import IO, Any
 import orjson
 
 from backend.pipeline.phases.base import BasePhase, Batch, RunContext
+from backend.pipeline.tape import DERIVED_COLUMNS, REQUIRED_COLUMNS
 
 SPOOL_BYTES = 4 * 1024 * 1024
 READ_CHARS = 1024 * 1024
 
-ELIGIBLE_HEADER = (
-    "row_number",
-    "loan_id",
-    "borrower_id",
-    "amount",
-    "rate",
-    "term_months",
-    "credit_score",
-    "annual_income",
-    "monthly_debt",
-    "property_value",
-    "state",
-    "property_type",
-    "occupancy",
-    "origination_date",
-    "sales_team",
-    "monthly_payment",
-    "ltv",
-    "dti",
-    "grade",
-)
+ELIGIBLE_HEADER = ("row_number", *REQUIRED_COLUMNS, *DERIVED_COLUMNS)
 EXCEPTIONS_HEADER = ("row_number", "loan_id", "severity", "rule_id", "field", "message")
 
 
