@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -570,3 +570,264 @@ class TestDeployArtefacts:
         # Secrets come from Secrets Manager, never from plain environment values.
         assert {"SECRET_KEY", "DATABASE_URL"} <= {s["name"] for s in container["secrets"]}
         assert not {"SECRET_KEY", "DATABASE_URL", "ADMIN_PASSWORD"} & set(env)
+
+
+# ---------------------------------------------------------------- admin CLI
+
+
+async def run_cli(*args: str, stdin: str | None = None, **env: str) -> tuple[int, str, str]:
+    """`python -m backend.admin.cli ARGS` against the test database: (exit code, stdout, stderr).
+
+    A separate process, as an operator runs it; bounded by a timeout and killed on expiry.
+    """
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "backend.admin.cli",
+        *args,
+        cwd=ROOT,
+        env=server_env(**env),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(
+            process.communicate(stdin.encode() if stdin is not None else None), timeout=60
+        )
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"cli {args} did not finish within 60 s") from None
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def assert_one_error_line(stderr: str, *fragments: str) -> None:
+    """The failure is told in one `error:` line; the only other lines are JSON log lines."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert all(line.startswith("{") for line in lines if line not in errors), stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture
+async def scratch_database() -> AsyncIterator[str]:
+    """An empty database next to the test database (never migrated), dropped afterwards."""
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(TEST_DATABASE_URL)
+    name = f"{url.database}_cli_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(
+        url.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    )
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+class TestAdminCLI:
+    async def test_list_users_command(
+        self, client: httpx.AsyncClient, make_user: Any, admin_headers: dict[str, str]
+    ) -> None:
+        import json
+
+        analyst = await make_user("analyst", username="ana.lyst")
+        viewer = await make_user("viewer", username="vic-viewer")
+        deactivated = await client.patch(
+            f"/api/users/{viewer['id']}", json={"is_active": False}, headers=admin_headers
+        )
+        assert deactivated.status_code == 200
+
+        code, out, err = await run_cli("list-users", "--json")
+        assert code == 0, err
+        users = json.loads(out)  # stdout is the document alone: logs go to stderr
+        assert [(u["username"], u["role"], u["is_active"]) for u in users] == [
+            ("admin", "admin", True),
+            ("ana.lyst", "analyst", True),
+            ("vic-viewer", "viewer", False),
+        ]
+        assert users[1]["id"] == analyst["id"]
+        assert users[1]["email"] == "ana.lyst@example.com"
+        assert "hashed_password" not in out and "$2b$" not in out
+
+        code, out, err = await run_cli("list-users", "--role", "analyst", "--json")
+        assert code == 0, err
+        assert [u["username"] for u in json.loads(out)] == ["ana.lyst"]
+
+        code, out, err = await run_cli("list-users")
+        assert code == 0, err
+        for header in ("ID", "Username", "Email", "Role", "Active"):
+            assert header in out
+        (viewer_row,) = [line for line in out.splitlines() if "vic-viewer" in line]
+        assert "vic-viewer@example.com" in viewer_row and " no " in viewer_row
+        assert "Total: 3 users" in out
+
+        code, _, err = await run_cli("list-users", "--role", "superuser")
+        assert code == 2 and "superuser" in err
+
+    async def test_create_user_command(self, client: httpx.AsyncClient) -> None:
+        password = "a-long-enough-password-1"
+        code, _, err = await run_cli(
+            "create-user", "carol", "Carol@Example.com", "--role", "analyst", "--password-stdin",
+            stdin=password + "\n",
+        )  # fmt: skip
+        assert code == 0, err
+        assert "created user" in err and "carol" in err and password not in err
+        # The account works: the API accepts the password and reports the role.
+        token = await login(client, "carol", password)
+        me = (await client.get("/api/auth/me", headers=bearer(token))).json()
+        assert (me["email"], me["role"]) == ("carol@example.com", "analyst")
+
+        code, _, err = await run_cli(
+            "create-user", "carol", "other@example.com", "--password-stdin", stdin=password
+        )
+        assert code == 1
+        assert_one_error_line(err, "already registered")
+
+        code, out, err = await run_cli(
+            "create-user", "dave", "dave@example.com", "--password-stdin", stdin="short\n"
+        )
+        assert code == 2
+        assert_one_error_line(err, "password")
+        assert "short" not in (out + err).replace("at least", "")
+
+    async def test_run_stats_command(self) -> None:
+        import json
+        import uuid
+        from datetime import UTC, datetime, timedelta
+
+        from backend.models import PipelineRun, RunStatus
+
+        now = datetime.now(UTC)
+        runs = [
+            # (status, total, eligible, exceptions, age in minutes)
+            (RunStatus.COMPLETED, 100, 80, 25, 30),
+            (RunStatus.COMPLETED, 50, 50, 0, 20),
+            (RunStatus.FAILED, 0, 0, 0, 10),
+            (RunStatus.INTERRUPTED, 7, 3, 4, 1),
+        ]
+        ids = [uuid.uuid4() for _ in runs]
+        engine = create_async_engine(TEST_DATABASE_URL, poolclass=NullPool)
+        try:
+            async with engine.begin() as conn:
+                for run_id, (status, total, eligible, exceptions, age) in zip(
+                    ids, runs, strict=True
+                ):
+                    created = now - timedelta(minutes=age)
+                    await conn.execute(
+                        PipelineRun.__table__.insert().values(
+                            id=run_id,
+                            status=status,
+                            input_path=f"inputs/tape-{age}.csv",
+                            total_loans=total,
+                            eligible_loans=eligible,
+                            ineligible_loans=total - eligible,
+                            rejected_loans=0,
+                            exception_count=exceptions,
+                            phase_durations={},
+                            created_at=created,
+                            started_at=created,
+                            finished_at=created + timedelta(seconds=12.5),
+                        )
+                    )
+        finally:
+            await engine.dispose()
+
+        code, out, err = await run_cli("run-stats", "--json", "--last", "2")
+        assert code == 0, err
+        stats = json.loads(out)
+        assert stats["by_status"] == {
+            "queued": 0,
+            "running": 0,
+            "completed": 2,
+            "failed": 1,
+            "interrupted": 1,
+        }
+        assert stats["total_runs"] == 4
+        assert (stats["total_loans"], stats["eligible_loans"], stats["exceptions"]) == (
+            157,
+            133,
+            29,
+        )
+        # Newest first, limited to --last.
+        assert [r["id"] for r in stats["recent_runs"]] == [str(ids[3]), str(ids[2])]
+        assert stats["recent_runs"][0]["duration_seconds"] == 12.5
+
+        code, out, err = await run_cli("run-stats")
+        assert code == 0, err
+        # The counts table's row (the latest-runs table starts its rows with a run id).
+        (completed,) = [line for line in out.splitlines() if line.startswith("│ completed")]
+        assert completed.split("│")[2].strip() == "2"
+        assert "Total loans:      157" in out
+        assert "Exceptions:       29" in out
+        assert str(ids[0]) in out  # the default --last 10 lists all four
+
+    async def test_db_status_command(self, scratch_database: str) -> None:
+        import json
+
+        from backend.migrations.runner import head_revisions
+
+        code, out, err = await run_cli("db-status", "--json", DB_POOL_SIZE="3")
+        assert code == 0, err
+        status = json.loads(out)
+        assert status["reachable"] is True and status["error"] is None
+        assert (status["dialect"], status["driver"]) == ("postgresql", "asyncpg")
+        assert status["current_revision"] == status["head_revision"] == list(head_revisions())
+        assert status["at_head"] is True
+        assert 0 < status["latency_ms"] < 5000
+        assert status["server_version"].split(".")[0].isdigit()
+        assert status["pool"]["size"] == 3 and status["pool"]["pre_ping"] is True
+
+        code, out, err = await run_cli("db-status")
+        assert code == 0, err
+        assert "OK" in out and "at head" in out and "Latency" in out
+
+        # Reachable but never migrated: reported, and exit code 1 for scripts and probes.
+        code, out, err = await run_cli("db-status", "--json", DATABASE_URL=scratch_database)
+        assert code == 1
+        assert json.loads(out)["current_revision"] == []
+        assert_one_error_line(err, "not at the migration head")
+
+        # Unreachable: one clear line, no traceback, the password never shown.
+        down = f"postgresql+asyncpg://postgres:hunter2-secret@127.0.0.1:{closed_port()}/x"
+        started = time.monotonic()
+        code, out, err = await run_cli("db-status", "--timeout", "5", DATABASE_URL=down)
+        assert code == 1
+        assert time.monotonic() - started < 30
+        assert "FAILED" in out
+        assert_one_error_line(err, "database unreachable", "ConnectionRefused")
+        assert "hunter2-secret" not in out + err
+
+    async def test_database_errors_are_one_line_for_every_command(self) -> None:
+        down = f"postgresql+asyncpg://postgres:hunter2-secret@127.0.0.1:{closed_port()}/x"
+        for args in (["list-users"], ["run-stats"], ["migrate"], ["seed-admin"]):
+            code, out, err = await run_cli(*args, DATABASE_URL=down)
+            assert code == 1, (args, err)
+            assert_one_error_line(err, "database:")
+            assert "hunter2-secret" not in out + err
+
+    async def test_cli_log_lines_are_json(self) -> None:
+        import json
+
+        # `migrate` on a database already at head still logs (Alembic's own lines).
+        code, _, err = await run_cli("migrate")
+        assert code == 0, err
+        logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        assert logs, err
+        for line in logs:
+            assert {"timestamp", "level", "logger", "event", "service", "environment"} <= set(line)
+            assert line["environment"] == "test"
+        assert any(line["logger"].startswith("alembic") for line in logs)
