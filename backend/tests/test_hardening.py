@@ -4,6 +4,7 @@ request validation and start-up checks, each over HTTP or at process level."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import subprocess
@@ -831,3 +832,133 @@ class TestAdminCLI:
             assert {"timestamp", "level", "logger", "event", "service", "environment"} <= set(line)
             assert line["environment"] == "test"
         assert any(line["logger"].startswith("alembic") for line in logs)
+
+
+# ---------------------------------------------------------------- storage paths and names
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class TestPathUtils:
+    """The storage layer's path check (`parse_path`, its `safe_join`) and `sanitize_filename`
+    on the names production sees; test_storage.py covers the traversal catalogue."""
+
+    PRODUCTION_PATHS = (
+        "inputs/2026/11/22/servicer-acme/tape_2026-11-22T05-30-00Z.csv",
+        "inputs/servicer acme/Q4 2026 (final).csv.gz",
+        "outputs/5f0c2a8e-3b1d-4c8e-9f7a-2d4e6b8a0c1e/report.json",
+        "outputs/5f0c2a8e-3b1d-4c8e-9f7a-2d4e6b8a0c1e/exceptions/part-0001.csv",
+        "inputs/a.b.c/..hidden-but-not-parent.csv",
+        "inputs/r\u00e9sum\u00e9/\u30c6\u30fc\u30d7.csv",
+    )
+
+    async def test_safe_join_with_production_paths(
+        self, tmp_path: Path, s3_bucket: str, moto_endpoint: str
+    ) -> None:
+        import boto3
+
+        from backend.storage.base import InvalidPath, parse_path, parse_prefix
+        from backend.storage.local import LocalStorage
+        from backend.storage.s3 import S3Storage
+
+        for path in self.PRODUCTION_PATHS:
+            checked = parse_path(path)
+            area, key = path.split("/", 1)
+            assert (checked.area, checked.key, str(checked)) == (area, key, path)
+            assert checked.name == path.rsplit("/", 1)[-1]
+        # A bare key joined onto an area, and a folder prefix for listings.
+        assert str(parse_path("2026/11/tape.csv", area="inputs")) == "inputs/2026/11/tape.csv"
+        assert parse_prefix("outputs", "5f0c2a8e/") == ("outputs", "5f0c2a8e/")
+
+        # Joined onto the real backends: under the root folder, under the bucket prefix
+        # (whose stray slashes are dropped: "/prod/loan-engine/" -> "prod/loan-engine").
+        local = LocalStorage(tmp_path / "root")
+        s3 = S3Storage(s3_bucket, prefix="/prod/loan-engine/", endpoint_url=moto_endpoint)
+        try:
+            for path in self.PRODUCTION_PATHS[:4]:
+                for backend in (local, s3):
+                    info = await backend.save(path, _one_chunk(path.encode()))
+                    assert (info.path, info.size) == (path, len(path.encode()))
+            client = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_endpoint)
+            listed = client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+            client.close()
+        finally:
+            await s3.close()
+        assert sorted(o["Key"] for o in listed) == sorted(
+            f"prod/loan-engine/{p}" for p in self.PRODUCTION_PATHS[:4]
+        )
+        for path in self.PRODUCTION_PATHS[:4]:
+            assert (local.root / path).read_bytes() == path.encode()
+
+        escapes = (
+            "inputs/2026/../../etc/passwd",
+            "inputs/2026/%2e%2e/%2e%2e/etc/passwd",
+            "outputs/run/..%252f..%252fsecret.csv",
+            "inputs/\uff0e\uff0e/outputs/x.csv",  # full-width dots
+            "inputs//x.csv",
+            "inputs/./x.csv",
+            "/inputs/x.csv",
+            "C:/inputs/x.csv",
+            "inputs\\..\\x.csv",
+            "inputs/x.csv\x00.json",
+            "s3://bucket/inputs/x.csv",
+            "var/inputs/x.csv",
+            "inputs",
+            "inputs/" + "a" * 600 + ".csv",
+        )
+        for path in escapes:
+            with pytest.raises(InvalidPath):
+                parse_path(path)
+        with pytest.raises(InvalidPath):
+            await local.save("inputs/2026/../../../escape.csv", _one_chunk(b"x"))
+        assert not (tmp_path / "escape.csv").exists()
+
+    @pytest.mark.parametrize(
+        ("given", "expected"),
+        [
+            # unicode: look-alikes folded, the rest replaced; never an empty stem
+            ("\uff34\uff41\uff50\uff45.csv", "Tape.csv"),
+            ("r\u00e9sum\u00e9 2026.csv", "r_sum_2026.csv"),
+            ("\U0001f4c8.csv", "file.csv"),
+            ("invoice\u202ecsv.exe", "invoice_csv.exe"),  # right-to-left override
+            # spaces
+            ("  my tape .csv  ", "my_tape_.csv"),
+            ("loan tape\u00a0v2.csv", "loan_tape_v2.csv"),
+            # dots
+            ("tape.csv.", "tape.csv"),
+            ("...tape.csv", "tape.csv"),
+            ("tape..csv", "tape..csv"),
+            ("archive.2026.11.csv.gz", "archive.2026.11.csv.gz"),
+            ("-rf.csv", "rf.csv"),
+            # reserved device names (Windows clients cannot save them)
+            ("CON.csv", "_CON.csv"),
+            ("nul", "_nul"),
+            ("lpt9.csv.gz", "_lpt9.csv.gz"),
+            ("CONSOLE.csv", "CONSOLE.csv"),
+            ("COM10.csv", "COM10.csv"),
+        ],
+    )
+    def test_sanitize_filename_edge_cases(self, given: str, expected: str) -> None:
+        from backend.storage.base import sanitize_filename
+
+        assert sanitize_filename(given) == expected
+
+    def test_sanitize_filename_long_and_empty_names(self) -> None:
+        from backend.storage.base import MAX_NAME_LENGTH, InvalidPath, sanitize_filename
+
+        safe = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+        long_names = {
+            "a" * 400 + ".csv": ".csv",
+            "Q4." + "b" * 400 + ".csv.gz": ".csv.gz",  # a dot early in a long name
+            "tape." + "x" * 300: "x",  # no short extension to keep: just cut
+            "a\u00e9" * 200 + ".csv": ".csv",  # each "\u00e9" becomes "_"
+        }
+        for given, ending in long_names.items():
+            name = sanitize_filename(given)
+            assert len(name) == MAX_NAME_LENGTH, name
+            assert name.endswith(ending) and safe.match(name), name
+        for empty in ("", "...", " ", "___", "\u00e9\u00e9", ". . ."):
+            with pytest.raises(InvalidPath):
+                sanitize_filename(empty)
