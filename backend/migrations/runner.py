@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import column, inspect, select, table
+from sqlalchemy import String, column, inspect, select, table
 from sqlalchemy.engine import Connection
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +42,6 @@ def current_revisions(connection: Connection) -> tuple[str, ...]:
     # Read directly rather than through MigrationContext, which logs at info on every use.
     if not inspect(connection).has_table(VERSION_TABLE):
         return ()
-    version_num = column("version_num")
+    version_num = column("version_num", String)
     rows = connection.execute(select(version_num).select_from(table(VERSION_TABLE, version_num)))
     return tuple(rows.scalars())

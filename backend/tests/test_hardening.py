@@ -771,6 +771,8 @@ class TestAdminCLI:
         import uuid
         from datetime import UTC, datetime, timedelta
 
+        from sqlalchemy import insert
+
         from backend.models import PipelineRun, RunStatus
 
         now = datetime.now(UTC)
@@ -790,7 +792,7 @@ class TestAdminCLI:
                 ):
                     created = now - timedelta(minutes=age)
                     await conn.execute(
-                        PipelineRun.__table__.insert().values(
+                        insert(PipelineRun).values(
                             id=run_id,
                             status=status,
                             input_path=f"inputs/tape-{age}.csv",
