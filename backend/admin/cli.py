@@ -362,9 +362,14 @@ def db_status(
         if status.reachable:
             table.add_row("Server version", status.server_version or "?")
             table.add_row("Latency (SELECT 1)", f"{status.latency_ms:.2f} ms")
-            current = ", ".join(status.current_revisions) or "none (not migrated)"
-            state = "[green]at head[/green]" if status.at_head else "[red]behind head[/red]"
-            table.add_row("Migration", f"{escape(current)} ({state})")
+            current = escape(", ".join(status.current_revisions))
+            if not current:
+                migration = "[red]none (not migrated)[/red]"
+            elif status.at_head:
+                migration = f"{current} [green](at head)[/green]"
+            else:
+                migration = f"{current} [red](not head)[/red]"
+            table.add_row("Migration", migration)
         table.add_row("Head revision", ", ".join(status.head_revisions))
         for key, value in status.pool.items():
             table.add_row(f"Pool {key}", str(value))
