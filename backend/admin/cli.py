@@ -46,6 +46,9 @@ console = Console(stderr=True, soft_wrap=True)
 # Piped output is not cut to 80 columns: a table read by a script or a log keeps whole values.
 results = Console(width=None if sys.stdout.isatty() else 200)
 
+# What a bad DATABASE_URL or an unusable database raises: a missing driver is an ImportError.
+DATABASE_ERRORS = (SQLAlchemyError, OSError, TimeoutError, ImportError)
+
 JsonOption = typer.Option(False, "--json", help="Print one JSON document instead of tables.")
 
 
@@ -85,7 +88,7 @@ def run_with_database(settings: Settings, work: Callable[[Database], Awaitable[T
 
     try:
         return asyncio.run(run())
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+    except DATABASE_ERRORS as exc:
         raise fail(f"database: {describe_error(exc)}") from None
 
 
@@ -118,7 +121,7 @@ def migrate(revision: str = typer.Argument("head", help="Target revision.")) -> 
         upgrade(settings.DATABASE_URL, revision=revision)
     except CommandError as exc:  # an unknown revision, a broken script chain
         raise fail(f"migrate: {exc}") from None
-    except (SQLAlchemyError, OSError) as exc:
+    except DATABASE_ERRORS as exc:
         raise fail(f"database: {describe_error(exc)}") from None
     console.print(f"[green]database migrated to {escape(revision)}[/green]")
 
@@ -337,7 +340,10 @@ def db_status(
     from backend.admin.service import database_status
 
     settings = load_settings()
-    status = asyncio.run(database_status(settings, limit_seconds=timeout))
+    try:
+        status = asyncio.run(database_status(settings, limit_seconds=timeout))
+    except DATABASE_ERRORS as exc:  # DATABASE_URL unparseable or its driver missing
+        raise fail(f"database: {describe_error(exc)}") from None
     document = {
         "reachable": status.reachable,
         "error": status.error,

@@ -875,12 +875,23 @@ class TestAdminCLI:
         assert_one_error_line(err, "database unreachable", "ConnectionRefused")
         assert "hunter2-secret" not in out + err
 
-    async def test_database_errors_are_one_line_for_every_command(self) -> None:
-        down = f"postgresql+asyncpg://postgres:hunter2-secret@127.0.0.1:{closed_port()}/x"
-        for args in (["list-users"], ["run-stats"], ["migrate"], ["seed-admin"]):
-            code, out, err = await run_cli(*args, DATABASE_URL=down)
+    @pytest.mark.parametrize(
+        ("url", "reason"),
+        [
+            ("postgresql+asyncpg://postgres:hunter2-secret@127.0.0.1:{port}/x", "Connect"),
+            ("not a database url hunter2-secret", "Could not parse"),
+            ("mysql://root:hunter2-secret@127.0.0.1/x", "No module named"),  # no driver
+        ],
+    )
+    async def test_database_errors_are_one_line_for_every_command(
+        self, url: str, reason: str
+    ) -> None:
+        url = url.format(port=closed_port())
+        commands = (["list-users"], ["run-stats"], ["migrate"], ["seed-admin"], ["db-status"])
+        for args in commands:
+            code, out, err = await run_cli(*args, DATABASE_URL=url)
             assert code == 1, (args, err)
-            assert_one_error_line(err, "database:")
+            assert_one_error_line(err, reason)
             assert "hunter2-secret" not in out + err
 
     async def test_cli_log_lines_are_json(self) -> None:
