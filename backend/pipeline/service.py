@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Select, func, select
@@ -104,3 +105,48 @@ async def list_facts(
     if eligible is not None:
         query = query.where(LoanFact.eligible == eligible)
     return await _page(session, query, page, LoanFact.row_number)
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatistics:
+    """What the operator's `run-stats` shows: counts by status, totals, the latest runs."""
+
+    by_status: dict[str, int]
+    total_runs: int
+    total_loans: int
+    eligible_loans: int
+    exception_count: int
+    recent: list[PipelineRun] = field(default_factory=list)
+
+
+async def run_statistics(session: AsyncSession, *, recent: int = 10) -> RunStatistics:
+    """Counts of runs by status (every status listed, zero included), the sums of
+    loans, eligible loans and exceptions over all runs, and the `recent` newest runs."""
+    counted = await session.execute(
+        select(PipelineRun.status, func.count()).group_by(PipelineRun.status)
+    )
+    by_status = {status.value: 0 for status in RunStatus}
+    for status, count in counted.all():
+        by_status[RunStatus(status).value] = count
+    totals = (
+        await session.execute(
+            select(
+                func.coalesce(func.sum(PipelineRun.total_loans), 0),
+                func.coalesce(func.sum(PipelineRun.eligible_loans), 0),
+                func.coalesce(func.sum(PipelineRun.exception_count), 0),
+            )
+        )
+    ).one()
+    latest = await session.scalars(
+        select(PipelineRun)
+        .order_by(PipelineRun.created_at.desc(), PipelineRun.id)
+        .limit(max(recent, 0))
+    )
+    return RunStatistics(
+        by_status=by_status,
+        total_runs=sum(by_status.values()),
+        total_loans=int(totals[0]),
+        eligible_loans=int(totals[1]),
+        exception_count=int(totals[2]),
+        recent=list(latest),
+    )

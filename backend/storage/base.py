@@ -28,6 +28,11 @@ MAX_NAME_LENGTH = 160
 # Anything not in this set becomes "_" when a client's file name is sanitized.
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# The extension a sanitized name keeps: one or two short suffixes (".csv", ".csv.gz").
+_KEPT_SUFFIX = re.compile(r"(?:\.[A-Za-z0-9]{1,8}){1,2}$")
+_WINDOWS_DEVICE_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10))]
+)
 
 
 class InvalidPath(BadRequest):
@@ -133,20 +138,33 @@ def sanitize_filename(name: str) -> str:
     """A safe single-segment file name from a client-supplied one.
 
     Traversal attempts are refused (`InvalidPath`) rather than silently
-    rewritten; other characters outside `A-Za-z0-9._-` become `_`.
+    rewritten. Otherwise the result matches `[A-Za-z0-9][A-Za-z0-9._-]*`
+    (at most MAX_NAME_LENGTH characters) or is `_` + a Windows device name:
+    look-alike characters are folded (NFKC), others outside `A-Za-z0-9._-`
+    become `_`, leading and trailing spaces and dots are dropped, and the
+    extension (up to two short suffixes, e.g. `.csv.gz`) survives cleaning and
+    cutting. A name with nothing left but its extension becomes `file<ext>`;
+    a name with nothing left at all is refused.
     """
     checked = parse_path(name, area="inputs")
     if "/" in checked.key:
         raise InvalidPath("File name must not contain '/'")
-    cleaned = _UNSAFE_NAME_CHARS.sub("_", unicodedata.normalize("NFKC", checked.key))
-    cleaned = cleaned.lstrip(".-_")
-    if not cleaned:
-        raise InvalidPath("File name is empty after sanitizing")
-    if len(cleaned) > MAX_NAME_LENGTH:
-        # Keep the extension: it decides how the file is read.
-        stem, dot, ext = cleaned.partition(".")
-        cleaned = stem[: MAX_NAME_LENGTH - len(ext) - 1] + dot + ext
-    return cleaned
+    # Windows drops leading/trailing spaces and dots; left in, they can disguise the
+    # extension ("tape.csv." is not a .csv file to us, but is one to the user).
+    folded = unicodedata.normalize("NFKC", checked.key).strip(" .")
+    cleaned = _UNSAFE_NAME_CHARS.sub("_", folded)
+    # Searched from the second character: a name is never all extension (".csv").
+    suffix = _KEPT_SUFFIX.search(cleaned, 1)
+    ext = suffix.group() if suffix else ""
+    stem = cleaned[: len(cleaned) - len(ext)].lstrip(".-_")
+    if not stem:
+        if not ext:
+            raise InvalidPath("File name is empty after sanitizing")
+        stem = "file"
+    if stem.split(".", 1)[0].upper() in _WINDOWS_DEVICE_NAMES:
+        # "CON.csv" cannot be saved on Windows: a client downloading it would fail.
+        stem = "_" + stem
+    return stem[: MAX_NAME_LENGTH - len(ext)] + ext
 
 
 class Storage(Protocol):

@@ -4,11 +4,12 @@ request validation and start-up checks, each over HTTP or at process level."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,12 +279,73 @@ class TestGracefulBehavior:
         responses = await asyncio.gather(*(client.get(p) for p in paths))
         assert [r.status_code for r in responses] == [200, 200, 401, 404] * 10
 
-    async def test_large_response_streamed(self, client: httpx.AsyncClient) -> None:
-        async with client.stream("GET", "/openapi.json") as response:
-            assert response.status_code == 200
-            body = b"".join([chunk async for chunk in response.aiter_bytes()])
-        assert int(response.headers["content-length"]) == len(body) > 1000
-        assert response.headers["x-content-type-options"] == "nosniff"
+    async def test_large_response_streamed(
+        self, app: FastAPI, admin_headers: dict[str, str]
+    ) -> None:
+        """A multi-MB download leaves the whole middleware stack as a stream of chunks
+        (no layer buffers the body) and arrives complete."""
+        import hashlib
+
+        from backend.storage.base import CHUNK_SIZE
+
+        size = 6 * CHUNK_SIZE + 12345
+        content = hashlib.shake_256(b"loan tape").digest(size)
+
+        async def produce() -> AsyncIterator[bytes]:
+            for start in range(0, size, 256 * 1024):
+                yield content[start : start + 256 * 1024]
+
+        await app.state.storage.save("inputs/big-tape.csv", produce())
+        # Straight through ASGI: an HTTP client would hide how the body was sent.
+        messages: list[dict[str, Any]] = []
+        finished = asyncio.Event()
+        asked = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await finished.wait()  # the client stays connected until the last byte
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finished.set()
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/api/files/download",
+            "raw_path": b"/api/files/download",
+            "query_string": b"path=inputs/big-tape.csv",
+            "root_path": "",
+            "headers": [
+                (b"host", b"testserver"),
+                (b"authorization", admin_headers["Authorization"].encode()),
+            ],
+            "client": ("203.0.113.10", 1),
+            "server": ("testserver", 80),
+        }
+        await asyncio.wait_for(app(scope, receive, send), timeout=60)  # type: ignore[arg-type]
+
+        start, *bodies = messages
+        assert start["status"] == 200
+        headers = {key.decode(): value.decode() for key, value in start["headers"]}
+        assert headers["x-content-type-options"] == "nosniff"
+        assert "x-request-id" in headers and "server-timing" in headers
+        chunks = [m["body"] for m in bodies if m["body"]]
+        # Streamed: many pieces, none larger than the storage chunk, only the last final.
+        assert len(chunks) >= 6
+        assert max(len(chunk) for chunk in chunks) <= CHUNK_SIZE
+        assert all(m.get("more_body") for m in bodies[:-1]) and not bodies[-1].get("more_body")
+        received = b"".join(chunks)
+        assert len(received) == size
+        assert hashlib.sha256(received).hexdigest() == hashlib.sha256(content).hexdigest()
 
     def test_sigterm_drains_and_exits_zero(self) -> None:
         """deploy/entrypoint.sh -> uvicorn; SIGTERM while a slow request is in flight."""
@@ -570,3 +632,407 @@ class TestDeployArtefacts:
         # Secrets come from Secrets Manager, never from plain environment values.
         assert {"SECRET_KEY", "DATABASE_URL"} <= {s["name"] for s in container["secrets"]}
         assert not {"SECRET_KEY", "DATABASE_URL", "ADMIN_PASSWORD"} & set(env)
+
+
+# ---------------------------------------------------------------- admin CLI
+
+
+async def run_cli(*args: str, stdin: str | None = None, **env: str) -> tuple[int, str, str]:
+    """`python -m backend.admin.cli ARGS` against the test database: (exit code, stdout, stderr).
+
+    A separate process, as an operator runs it; bounded by a timeout and killed on expiry.
+    """
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "backend.admin.cli",
+        *args,
+        cwd=ROOT,
+        env=server_env(**env),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(
+            process.communicate(stdin.encode() if stdin is not None else None), timeout=60
+        )
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"cli {args} did not finish within 60 s") from None
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def assert_one_error_line(stderr: str, *fragments: str) -> None:
+    """The failure is told in one `error:` line; the only other lines are JSON log lines."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert all(line.startswith("{") for line in lines if line not in errors), stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture
+async def scratch_database() -> AsyncIterator[str]:
+    """An empty database next to the test database (never migrated), dropped afterwards."""
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(TEST_DATABASE_URL)
+    name = f"{url.database}_cli_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(
+        url.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+    )
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+class TestAdminCLI:
+    async def test_list_users_command(
+        self, client: httpx.AsyncClient, make_user: Any, admin_headers: dict[str, str]
+    ) -> None:
+        import json
+
+        analyst = await make_user("analyst", username="ana.lyst")
+        viewer = await make_user("viewer", username="vic-viewer")
+        deactivated = await client.patch(
+            f"/api/users/{viewer['id']}", json={"is_active": False}, headers=admin_headers
+        )
+        assert deactivated.status_code == 200
+
+        code, out, err = await run_cli("list-users", "--json")
+        assert code == 0, err
+        users = json.loads(out)  # stdout is the document alone: logs go to stderr
+        assert [(u["username"], u["role"], u["is_active"]) for u in users] == [
+            ("admin", "admin", True),
+            ("ana.lyst", "analyst", True),
+            ("vic-viewer", "viewer", False),
+        ]
+        assert users[1]["id"] == analyst["id"]
+        assert users[1]["email"] == "ana.lyst@example.com"
+        assert "hashed_password" not in out and "$2b$" not in out
+
+        code, out, err = await run_cli("list-users", "--role", "analyst", "--json")
+        assert code == 0, err
+        assert [u["username"] for u in json.loads(out)] == ["ana.lyst"]
+
+        code, out, err = await run_cli("list-users")
+        assert code == 0, err
+        for header in ("ID", "Username", "Email", "Role", "Active"):
+            assert header in out
+        (viewer_row,) = [line for line in out.splitlines() if "vic-viewer" in line]
+        assert "vic-viewer@example.com" in viewer_row and " no " in viewer_row
+        assert "Total: 3 users" in out
+
+        code, _, err = await run_cli("list-users", "--role", "superuser")
+        assert code == 2 and "superuser" in err
+
+    async def test_create_user_command(self, client: httpx.AsyncClient) -> None:
+        password = "a-long-enough-password-1"
+        code, _, err = await run_cli(
+            "create-user", "carol", "Carol@Example.com", "--role", "analyst", "--password-stdin",
+            stdin=password + "\n",
+        )  # fmt: skip
+        assert code == 0, err
+        assert "created user" in err and "carol" in err and password not in err
+        # The account works: the API accepts the password and reports the role.
+        token = await login(client, "carol", password)
+        me = (await client.get("/api/auth/me", headers=bearer(token))).json()
+        assert (me["email"], me["role"]) == ("carol@example.com", "analyst")
+
+        code, _, err = await run_cli(
+            "create-user", "carol", "other@example.com", "--password-stdin", stdin=password
+        )
+        assert code == 1
+        assert_one_error_line(err, "already registered")
+
+        code, out, err = await run_cli(
+            "create-user", "dave", "dave@example.com", "--password-stdin", stdin="short\n"
+        )
+        assert code == 2
+        assert_one_error_line(err, "password")
+        assert "short" not in (out + err).replace("at least", "")
+
+    async def test_run_stats_command(self) -> None:
+        import json
+        import uuid
+        from datetime import UTC, datetime, timedelta
+
+        from sqlalchemy import insert
+
+        from backend.models import PipelineRun, RunStatus
+
+        now = datetime.now(UTC)
+        runs = [
+            # (status, total, eligible, exceptions, age in minutes)
+            (RunStatus.COMPLETED, 100, 80, 25, 30),
+            (RunStatus.COMPLETED, 50, 50, 0, 20),
+            (RunStatus.FAILED, 0, 0, 0, 10),
+            (RunStatus.INTERRUPTED, 7, 3, 4, 1),
+        ]
+        ids = [uuid.uuid4() for _ in runs]
+        engine = create_async_engine(TEST_DATABASE_URL, poolclass=NullPool)
+        try:
+            async with engine.begin() as conn:
+                for run_id, (status, total, eligible, exceptions, age) in zip(
+                    ids, runs, strict=True
+                ):
+                    created = now - timedelta(minutes=age)
+                    await conn.execute(
+                        insert(PipelineRun).values(
+                            id=run_id,
+                            status=status,
+                            input_path=f"inputs/tape-{age}.csv",
+                            total_loans=total,
+                            eligible_loans=eligible,
+                            ineligible_loans=total - eligible,
+                            rejected_loans=0,
+                            exception_count=exceptions,
+                            phase_durations={},
+                            created_at=created,
+                            started_at=created,
+                            finished_at=created + timedelta(seconds=12.5),
+                        )
+                    )
+        finally:
+            await engine.dispose()
+
+        code, out, err = await run_cli("run-stats", "--json", "--last", "2")
+        assert code == 0, err
+        stats = json.loads(out)
+        assert stats["by_status"] == {
+            "queued": 0,
+            "running": 0,
+            "completed": 2,
+            "failed": 1,
+            "interrupted": 1,
+        }
+        assert stats["total_runs"] == 4
+        assert (stats["total_loans"], stats["eligible_loans"], stats["exceptions"]) == (
+            157,
+            133,
+            29,
+        )
+        # Newest first, limited to --last.
+        assert [r["id"] for r in stats["recent_runs"]] == [str(ids[3]), str(ids[2])]
+        assert stats["recent_runs"][0]["duration_seconds"] == 12.5
+
+        code, out, err = await run_cli("run-stats")
+        assert code == 0, err
+        # The counts table's row (the latest-runs table starts its rows with a run id).
+        (completed,) = [line for line in out.splitlines() if line.startswith("│ completed")]
+        assert completed.split("│")[2].strip() == "2"
+        assert "Total loans:      157" in out
+        assert "Exceptions:       29" in out
+        assert str(ids[0]) in out  # the default --last 10 lists all four
+
+    async def test_db_status_command(self, scratch_database: str) -> None:
+        import json
+
+        from backend.migrations.runner import head_revisions
+
+        code, out, err = await run_cli("db-status", "--json", DB_POOL_SIZE="3")
+        assert code == 0, err
+        status = json.loads(out)
+        assert status["reachable"] is True and status["error"] is None
+        assert (status["dialect"], status["driver"]) == ("postgresql", "asyncpg")
+        assert status["current_revision"] == status["head_revision"] == list(head_revisions())
+        assert status["at_head"] is True
+        assert 0 < status["latency_ms"] < 5000
+        assert status["server_version"].split(".")[0].isdigit()
+        assert status["pool"]["size"] == 3 and status["pool"]["pre_ping"] is True
+
+        code, out, err = await run_cli("db-status")
+        assert code == 0, err
+        assert "OK" in out and "at head" in out and "Latency" in out
+
+        # Reachable but never migrated: reported, and exit code 1 for scripts and probes.
+        code, out, err = await run_cli("db-status", "--json", DATABASE_URL=scratch_database)
+        assert code == 1
+        assert json.loads(out)["current_revision"] == []
+        assert_one_error_line(err, "not at the migration head")
+
+        # Unreachable: one clear line, no traceback, the password never shown.
+        down = f"postgresql+asyncpg://postgres:hunter2-secret@127.0.0.1:{closed_port()}/x"
+        started = time.monotonic()
+        code, out, err = await run_cli("db-status", "--timeout", "5", DATABASE_URL=down)
+        assert code == 1
+        assert time.monotonic() - started < 30
+        assert "FAILED" in out
+        assert_one_error_line(err, "database unreachable", "ConnectionRefused")
+        assert "hunter2-secret" not in out + err
+
+    @pytest.mark.parametrize(
+        ("url", "reason"),
+        [
+            ("postgresql+asyncpg://postgres:hunter2-secret@127.0.0.1:{port}/x", "Connect"),
+            ("not a database url hunter2-secret", "Could not parse"),
+            ("mysql://root:hunter2-secret@127.0.0.1/x", "No module named"),  # no driver
+        ],
+    )
+    async def test_database_errors_are_one_line_for_every_command(
+        self, url: str, reason: str
+    ) -> None:
+        url = url.format(port=closed_port())
+        commands = (["list-users"], ["run-stats"], ["migrate"], ["seed-admin"], ["db-status"])
+        for args in commands:
+            code, out, err = await run_cli(*args, DATABASE_URL=url)
+            assert code == 1, (args, err)
+            assert_one_error_line(err, reason)
+            assert "hunter2-secret" not in out + err
+
+    async def test_cli_log_lines_are_json(self) -> None:
+        import json
+
+        # `migrate` on a database already at head still logs (Alembic's own lines).
+        code, _, err = await run_cli("migrate")
+        assert code == 0, err
+        logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        assert logs, err
+        for line in logs:
+            assert {"timestamp", "level", "logger", "event", "service", "environment"} <= set(line)
+            assert line["environment"] == "test"
+        assert any(line["logger"].startswith("alembic") for line in logs)
+
+
+# ---------------------------------------------------------------- storage paths and names
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class TestPathUtils:
+    """The storage layer's path check (`parse_path`, its `safe_join`) and `sanitize_filename`
+    on the names production sees; test_storage.py covers the traversal catalogue."""
+
+    PRODUCTION_PATHS = (
+        "inputs/2026/11/22/servicer-acme/tape_2026-11-22T05-30-00Z.csv",
+        "inputs/servicer acme/Q4 2026 (final).csv.gz",
+        "outputs/5f0c2a8e-3b1d-4c8e-9f7a-2d4e6b8a0c1e/report.json",
+        "outputs/5f0c2a8e-3b1d-4c8e-9f7a-2d4e6b8a0c1e/exceptions/part-0001.csv",
+        "inputs/a.b.c/..hidden-but-not-parent.csv",
+        "inputs/r\u00e9sum\u00e9/\u30c6\u30fc\u30d7.csv",
+    )
+
+    async def test_safe_join_with_production_paths(
+        self, tmp_path: Path, s3_bucket: str, moto_endpoint: str
+    ) -> None:
+        import boto3
+
+        from backend.storage.base import InvalidPath, parse_path, parse_prefix
+        from backend.storage.local import LocalStorage
+        from backend.storage.s3 import S3Storage
+
+        for path in self.PRODUCTION_PATHS:
+            checked = parse_path(path)
+            area, key = path.split("/", 1)
+            assert (checked.area, checked.key, str(checked)) == (area, key, path)
+            assert checked.name == path.rsplit("/", 1)[-1]
+        # A bare key joined onto an area, and a folder prefix for listings.
+        assert str(parse_path("2026/11/tape.csv", area="inputs")) == "inputs/2026/11/tape.csv"
+        assert parse_prefix("outputs", "5f0c2a8e/") == ("outputs", "5f0c2a8e/")
+
+        # Joined onto the real backends: under the root folder, under the bucket prefix
+        # (whose stray slashes are dropped: "/prod/loan-engine/" -> "prod/loan-engine").
+        local = LocalStorage(tmp_path / "root")
+        s3 = S3Storage(s3_bucket, prefix="/prod/loan-engine/", endpoint_url=moto_endpoint)
+        try:
+            for path in self.PRODUCTION_PATHS[:4]:
+                for backend in (local, s3):
+                    info = await backend.save(path, _one_chunk(path.encode()))
+                    assert (info.path, info.size) == (path, len(path.encode()))
+            client = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_endpoint)
+            listed = client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+            client.close()
+        finally:
+            await s3.close()
+        assert sorted(o["Key"] for o in listed) == sorted(
+            f"prod/loan-engine/{p}" for p in self.PRODUCTION_PATHS[:4]
+        )
+        for path in self.PRODUCTION_PATHS[:4]:
+            assert (local.root / path).read_bytes() == path.encode()
+
+        escapes = (
+            "inputs/2026/../../etc/passwd",
+            "inputs/2026/%2e%2e/%2e%2e/etc/passwd",
+            "outputs/run/..%252f..%252fsecret.csv",
+            "inputs/\uff0e\uff0e/outputs/x.csv",  # full-width dots
+            "inputs//x.csv",
+            "inputs/./x.csv",
+            "/inputs/x.csv",
+            "C:/inputs/x.csv",
+            "inputs\\..\\x.csv",
+            "inputs/x.csv\x00.json",
+            "s3://bucket/inputs/x.csv",
+            "var/inputs/x.csv",
+            "inputs",
+            "inputs/" + "a" * 600 + ".csv",
+        )
+        for path in escapes:
+            with pytest.raises(InvalidPath):
+                parse_path(path)
+        with pytest.raises(InvalidPath):
+            await local.save("inputs/2026/../../../escape.csv", _one_chunk(b"x"))
+        assert not (tmp_path / "escape.csv").exists()
+
+    @pytest.mark.parametrize(
+        ("given", "expected"),
+        [
+            # unicode: look-alikes folded, the rest replaced; never an empty stem
+            ("\uff34\uff41\uff50\uff45.csv", "Tape.csv"),
+            ("r\u00e9sum\u00e9 2026.csv", "r_sum_2026.csv"),
+            ("\U0001f4c8.csv", "file.csv"),
+            ("invoice\u202ecsv.exe", "invoice_csv.exe"),  # right-to-left override
+            # spaces
+            ("  my tape .csv  ", "my_tape_.csv"),
+            ("loan tape\u00a0v2.csv", "loan_tape_v2.csv"),
+            # dots
+            ("tape.csv.", "tape.csv"),
+            ("...tape.csv", "tape.csv"),
+            ("tape..csv", "tape..csv"),
+            ("archive.2026.11.csv.gz", "archive.2026.11.csv.gz"),
+            ("-rf.csv", "rf.csv"),
+            # reserved device names (Windows clients cannot save them)
+            ("CON.csv", "_CON.csv"),
+            ("nul", "_nul"),
+            ("lpt9.csv.gz", "_lpt9.csv.gz"),
+            ("CONSOLE.csv", "CONSOLE.csv"),
+            ("COM10.csv", "COM10.csv"),
+        ],
+    )
+    def test_sanitize_filename_edge_cases(self, given: str, expected: str) -> None:
+        from backend.storage.base import sanitize_filename
+
+        assert sanitize_filename(given) == expected
+
+    def test_sanitize_filename_long_and_empty_names(self) -> None:
+        from backend.storage.base import MAX_NAME_LENGTH, InvalidPath, sanitize_filename
+
+        safe = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+        long_names = {
+            "a" * 400 + ".csv": ".csv",
+            "Q4." + "b" * 400 + ".csv.gz": ".csv.gz",  # a dot early in a long name
+            "tape." + "x" * 300: "x",  # no short extension to keep: just cut
+            "a\u00e9" * 200 + ".csv": ".csv",  # each "\u00e9" becomes "_"
+        }
+        for given, ending in long_names.items():
+            name = sanitize_filename(given)
+            assert len(name) == MAX_NAME_LENGTH, name
+            assert name.endswith(ending) and safe.match(name), name
+        for empty in ("", "...", " ", "___", "\u00e9\u00e9", ". . ."):
+            with pytest.raises(InvalidPath):
+                sanitize_filename(empty)

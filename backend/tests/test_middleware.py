@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -622,3 +625,121 @@ async def test_concurrent_rate_limited_requests_count_exactly() -> None:
         responses = await asyncio.gather(*(c.get("/api/auth/me") for _ in range(15)))
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [401] * 10 + [429] * 5
+
+
+# ---------------------------------------------------------------- request id and timing
+#
+# test_request_context.py covers the id rule (which incoming ids are kept or replaced),
+# the access line and stand-in 413/429 layers. The spec's classes below check the two
+# headers over HTTP through the real create_app(), on answers made by every layer that
+# can answer: the router (200, 404), the body limit (413), the rate limiter (429) and
+# the error handler (500).
+
+UUID4_TEXT = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+SERVER_TIMING_TOTAL = re.compile(r"^total;dur=(?P<ms>\d+(?:\.\d+)?)$")
+
+# kind -> (method, path, expected status)
+ANSWERS: dict[str, tuple[str, str, int]] = {
+    "ok": ("GET", "/health", 200),
+    "not_found": ("GET", "/api/does-not-exist", 404),
+    "too_large": ("POST", "/api/auth/register", 413),
+    "rate_limited": ("POST", "/api/auth/login", 429),
+    "crash": ("GET", "/_test/crash", 500),
+}
+Hit = Callable[..., Awaitable[httpx.Response]]
+
+
+@pytest.fixture
+async def hit() -> AsyncIterator[Hit]:
+    """`await hit(kind, request_id=None)`: one request that gets the `kind` answer.
+
+    The login rule allows one attempt per minute and that attempt is spent here,
+    so every "rate_limited" request is refused by the real rate limiter.
+    """
+    async with app_client(RATE_LIMIT_ENABLED=True, RATE_LIMIT_LOGIN="1/minute") as (_, client):
+        form = {"username": "admin", "password": "wrong-password-0000"}
+        assert (await client.post("/api/auth/login", data=form)).status_code == 401
+
+        async def request(kind: str, request_id: str | None = None) -> httpx.Response:
+            method, path, status = ANSWERS[kind]
+            headers = {"X-Request-ID": request_id} if request_id is not None else {}
+            if kind == "too_large":
+                # Refused on the declared size alone; the body is never read.
+                headers["Content-Length"] = str(10 * 1024**3)
+                headers["Content-Type"] = "application/json"
+                response = await client.request(method, path, content=b"{}", headers=headers)
+            elif kind == "rate_limited":
+                response = await client.request(method, path, data=form, headers=headers)
+            else:
+                response = await client.request(method, path, headers=headers)
+            assert response.status_code == status, (kind, response.text)
+            return response
+
+        yield request
+
+
+def envelope_request_id(response: httpx.Response) -> str | None:
+    """The request id inside the error envelope (None on a success)."""
+    if response.status_code < 400:
+        return None
+    request_id: str = response.json()["error"]["request_id"]
+    return request_id
+
+
+class TestRequestIDMiddleware:
+    @pytest.mark.parametrize("kind", ANSWERS)
+    async def test_response_has_request_id_header(self, hit: Hit, kind: str) -> None:
+        response = await hit(kind)
+        request_id = response.headers["x-request-id"]
+        assert request_id
+        if response.status_code >= 400:
+            # The envelope names the same request the header does.
+            assert envelope_request_id(response) == request_id
+
+    @pytest.mark.parametrize("kind", ANSWERS)
+    async def test_custom_request_id_preserved(self, hit: Hit, kind: str) -> None:
+        # An ALB / upstream id (X-Ray style) passes through unchanged.
+        custom = f"1-67a1b2c3-{kind}-0123456789abcdef"
+        response = await hit(kind, custom)
+        assert response.headers["x-request-id"] == custom
+        assert envelope_request_id(response) in (None, custom)
+
+    @pytest.mark.parametrize("kind", ANSWERS)
+    async def test_request_id_is_valid_uuid(self, hit: Hit, kind: str) -> None:
+        generated = (await hit(kind)).headers["x-request-id"]
+        assert UUID4_TEXT.match(generated), generated
+        parsed = uuid.UUID(generated)
+        assert parsed.version == 4 and str(parsed) == generated
+
+    async def test_each_request_gets_unique_id(self, hit: Hit) -> None:
+        # Concurrent requests on every path: no id is reused or leaks into another answer.
+        kinds = list(ANSWERS) * 6
+        responses = await asyncio.gather(*(hit(kind) for kind in kinds))
+        ids = [r.headers["x-request-id"] for r in responses]
+        assert len(set(ids)) == len(kinds)
+        for response, request_id in zip(responses, ids, strict=True):
+            assert envelope_request_id(response) in (None, request_id)
+
+
+class TestTimingMiddleware:
+    @pytest.mark.parametrize("kind", ANSWERS)
+    async def test_server_timing_header_present(self, hit: Hit, kind: str) -> None:
+        response = await hit(kind)
+        assert SERVER_TIMING_TOTAL.match(response.headers["server-timing"]), response.headers
+
+    @pytest.mark.parametrize("kind", ANSWERS)
+    async def test_timing_is_positive_number(self, hit: Hit, kind: str) -> None:
+        started = time.perf_counter()
+        response = await hit(kind)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        match = SERVER_TIMING_TOTAL.match(response.headers["server-timing"])
+        assert match is not None
+        # Positive, and no more than the client itself waited: a real measurement.
+        assert 0 < float(match["ms"]) <= elapsed_ms
+
+    async def test_timing_covers_the_whole_request(self) -> None:
+        async with app_client() as (_, client):
+            response = await client.get("/_test/slow", params={"seconds": 0.2})
+        match = SERVER_TIMING_TOTAL.match(response.headers["server-timing"])
+        assert match is not None
+        assert float(match["ms"]) >= 200

@@ -10,7 +10,9 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from backend.auth.schemas import RegisterRequest
 from backend.auth.security import hash_password
+from backend.auth.service import register
 from backend.config import ConfigurationError, Settings
 from backend.errors import BadRequest, Conflict, NotFound
 from backend.models import Role, SalesTeam, User
@@ -26,6 +28,28 @@ async def list_users(session: AsyncSession, page: PageParams) -> tuple[list[User
         select(User).order_by(User.id).limit(page.limit).offset(page.offset)
     )
     return list(rows), total
+
+
+async def users_for_report(session: AsyncSession, role: Role | None = None) -> list[User]:
+    """Every user (or every user with `role`), ordered by id: the operator's listing."""
+    query = select(User).order_by(User.id)
+    if role is not None:
+        query = query.where(User.role == role)
+    return list(await session.scalars(query))
+
+
+async def create_user(
+    session: AsyncSession, settings: Settings, data: RegisterRequest, role: Role
+) -> User:
+    """Register an account (same checks as self-registration) with `role`.
+
+    A taken username or email is a `Conflict`; nothing is committed here.
+    """
+    user = await register(session, settings, data)
+    user.role = role
+    await session.flush()
+    logger.info("user.created", target_user_id=user.id, role=role.value)
+    return user
 
 
 async def update_user(
