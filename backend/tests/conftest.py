@@ -159,6 +159,12 @@ def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> UserF
     return factory
 
 
+@pytest.fixture
+async def analyst(make_user: UserFactory) -> dict[str, str]:
+    headers: dict[str, str] = (await make_user("analyst"))["headers"]
+    return headers
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A real S3 HTTP API (moto's standalone server) on a free local port."""

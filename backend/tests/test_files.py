@@ -44,12 +44,6 @@ def upload(
     )
 
 
-@pytest.fixture
-async def analyst(make_user: UserFactory) -> dict[str, str]:
-    headers: dict[str, str] = (await make_user("analyst"))["headers"]
-    return headers
-
-
 async def test_upload_returns_path_size_and_sha256(
     client: httpx.AsyncClient, analyst: dict[str, str], settings: Settings
 ) -> None:

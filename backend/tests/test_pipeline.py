@@ -8,7 +8,6 @@ import io
 import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,21 +23,11 @@ from backend.pipeline.phases.report import ReportPhase
 from backend.pipeline.runner import INTERNAL_MESSAGE, INTERRUPTED_MESSAGE, PipelineRunner
 from backend.pipeline.tape import generate_tape
 from backend.tests.conftest import UserFactory
-
-FIXTURES = Path(__file__).parent / "fixtures"
-KNOWN_TAPE = (FIXTURES / "known_tape.csv").read_bytes()
-DEADLINE_SECONDS = 60
-
-
-async def upload(
-    client: httpx.AsyncClient, headers: dict[str, str], name: str, content: bytes
-) -> str:
-    response = await client.post(
-        "/api/files/upload", files={"file": (name, content, "text/csv")}, headers=headers
-    )
-    assert response.status_code == 201, response.text
-    path: str = response.json()["path"]
-    return path
+from backend.tests.pipeline_support import (
+    DEADLINE_SECONDS,
+    KNOWN_TAPE,
+    upload_tape,
+)
 
 
 async def start(client: httpx.AsyncClient, headers: dict[str, str], path: str) -> str:
@@ -74,16 +63,10 @@ async def download(client: httpx.AsyncClient, headers: dict[str, str], path: str
     return response.content
 
 
-@pytest.fixture
-async def analyst(make_user: UserFactory) -> dict[str, str]:
-    headers: dict[str, str] = (await make_user("analyst"))["headers"]
-    return headers
-
-
 async def test_known_tape_upload_run_and_results(
     client: httpx.AsyncClient, analyst: dict[str, str], make_user: UserFactory, app: FastAPI
 ) -> None:
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     run_id = await start(client, analyst, path)
     run = await wait_until(client, analyst, run_id)
 
@@ -191,7 +174,7 @@ async def test_gzipped_tape_runs_like_the_plain_one(
 ) -> None:
     import gzip
 
-    path = await upload(client, analyst, "known.csv.gz", gzip.compress(KNOWN_TAPE))
+    path = await upload_tape(client, analyst, "known.csv.gz", gzip.compress(KNOWN_TAPE))
     run = await wait_until(client, analyst, await start(client, analyst, path))
     assert (run["status"], run["total_loans"], run["eligible_loans"]) == ("completed", 14, 4)
 
@@ -201,7 +184,7 @@ async def test_missing_column_fails_cleanly(
 ) -> None:
     lines = KNOWN_TAPE.decode().splitlines()
     header = lines[0].replace(",credit_score", "").replace(",state", "")
-    path = await upload(client, analyst, "short.csv", (header + "\nL1,B1,1,2\n").encode())
+    path = await upload_tape(client, analyst, "short.csv", (header + "\nL1,B1,1,2\n").encode())
     run_id = await start(client, analyst, path)
     run = await wait_until(client, analyst, run_id)
     assert run["status"] == "failed"
@@ -256,7 +239,7 @@ async def test_malformed_rows_never_crash_a_run(
         + "\n",
     ]
     content = (out.getvalue() + "".join(garbage)).encode()
-    path = await upload(client, analyst, "messy.csv", content)
+    path = await upload_tape(client, analyst, "messy.csv", content)
     run = await wait_until(client, analyst, await start(client, analyst, path))
     assert run["status"] == "completed", run
     assert (
@@ -271,7 +254,7 @@ async def test_malformed_rows_never_crash_a_run(
 async def test_run_requests_are_checked(
     client: httpx.AsyncClient, analyst: dict[str, str], make_user: UserFactory
 ) -> None:
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     viewer = (await make_user("viewer"))["headers"]
     denied = await client.post("/api/pipeline/run", json={"input_path": path}, headers=viewer)
     assert denied.status_code == 403
@@ -297,8 +280,8 @@ async def test_run_requests_are_checked(
 async def test_list_runs_filters_and_paginates(
     client: httpx.AsyncClient, analyst: dict[str, str]
 ) -> None:
-    good = await upload(client, analyst, "known.csv", KNOWN_TAPE)
-    bad = await upload(client, analyst, "bad.csv", b"loan_id,amount\nL1,2\n")
+    good = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
+    bad = await upload_tape(client, analyst, "bad.csv", b"loan_id,amount\nL1,2\n")
     ids = [await start(client, analyst, p) for p in (good, bad, good)]
     for run_id in ids:
         await wait_until(client, analyst, run_id)
@@ -351,7 +334,7 @@ async def test_concurrency_bound_holds(
     assert app.state.settings.PIPELINE_MAX_CONCURRENT_RUNS == 2
     gates = Gates()
     runner.before_execute = gates
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     ids = [await start(client, analyst, path) for _ in range(5)]
 
     first = {await asyncio.wait_for(gates.entered.get(), DEADLINE_SECONDS) for _ in range(2)}
@@ -386,7 +369,7 @@ async def test_shutdown_interrupts_what_does_not_drain(
     runner: PipelineRunner = app.state.runner
     gates = Gates()
     runner.before_execute = gates
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     ids = [await start(client, analyst, path) for _ in range(3)]
     for _ in range(2):
         await asyncio.wait_for(gates.entered.get(), DEADLINE_SECONDS)
@@ -405,7 +388,7 @@ async def test_shutdown_drains_runs_that_finish_in_time(
     runner: PipelineRunner = app.state.runner
     gates = Gates()
     runner.before_execute = gates
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     run_id = await start(client, analyst, path)
     entered = await asyncio.wait_for(gates.entered.get(), DEADLINE_SECONDS)
     shutting = asyncio.create_task(runner.shutdown(drain_seconds=DEADLINE_SECONDS))
@@ -427,7 +410,7 @@ async def test_a_crash_after_persist_leaves_no_facts(
         return [*default_phases()[:-1], ExplodingReport()]
 
     app.state.runner.engine.phases = phases
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     run_id = await start(client, analyst, path)
     run = await wait_until(client, analyst, run_id)
     assert run["status"] == "failed"
@@ -482,7 +465,7 @@ async def test_a_run_cut_off_mid_batch_is_interrupted_with_no_facts(
         return [*default_phases()[:-1], held]
 
     app.state.runner.engine.phases = phases
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     run_id = await start(client, analyst, path)
     await asyncio.wait_for(reached.wait(), DEADLINE_SECONDS)
     await app.state.runner.shutdown(drain_seconds=0)
@@ -512,7 +495,7 @@ async def test_pipeline_on_s3_storage(clean_db: str, s3_bucket: str, moto_endpoi
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             headers = bearer(await login(client, "admin", ADMIN_PASSWORD))
-            path = await upload(client, headers, "known.csv", KNOWN_TAPE)
+            path = await upload_tape(client, headers, "known.csv", KNOWN_TAPE)
             run = await wait_until(client, headers, await start(client, headers, path))
             assert (run["status"], run["total_loans"], run["eligible_loans"]) == (
                 "completed",

@@ -30,12 +30,14 @@ from backend.pipeline.phases.base import Batch, Phase, RunContext
 from backend.pipeline.phases.report import ReportPhase
 from backend.pipeline.runner import INTERNAL_MESSAGE, INTERRUPTED_MESSAGE
 from backend.pipeline.tape import generate_tape
-from backend.tests.conftest import UserFactory, make_settings
+from backend.tests.conftest import make_settings
 from backend.tests.obs_helpers import events, json_lines
+from backend.tests.pipeline_support import (
+    DEADLINE_SECONDS,
+    KNOWN_TAPE,
+    upload_tape,
+)
 
-FIXTURES = Path(__file__).parent / "fixtures"
-KNOWN_TAPE = (FIXTURES / "known_tape.csv").read_bytes()
-DEADLINE_SECONDS = 60
 PHASE_SPANS = {f"pipeline.phase.{name}" for name in PHASE_NAMES}
 SECRET = "hunter2-never-in-a-span"
 
@@ -51,23 +53,6 @@ async def app(settings: Settings, exporter: InMemorySpanExporter) -> AsyncIterat
     application = create_app(settings, span_exporter=exporter)
     async with application.router.lifespan_context(application):
         yield application
-
-
-@pytest.fixture
-async def analyst(make_user: UserFactory) -> dict[str, str]:
-    headers: dict[str, str] = (await make_user("analyst"))["headers"]
-    return headers
-
-
-async def upload(
-    client: httpx.AsyncClient, headers: dict[str, str], name: str, content: bytes
-) -> str:
-    response = await client.post(
-        "/api/files/upload", files={"file": (name, content, "text/csv")}, headers=headers
-    )
-    assert response.status_code == 201, response.text
-    path: str = response.json()["path"]
-    return path
 
 
 async def run_to_end(
@@ -135,7 +120,7 @@ async def test_a_run_is_one_trace_of_seven_phases_linked_to_its_request(
     analyst: dict[str, str],
     exporter: InMemorySpanExporter,
 ) -> None:
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     exporter.clear()
     accepted, run = await run_to_end(app, client, analyst, path)
     assert run["status"] == "completed", run
@@ -200,7 +185,7 @@ async def test_sql_spans_hang_under_the_phase_that_issued_them(
     analyst: dict[str, str],
     exporter: InMemorySpanExporter,
 ) -> None:
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     exporter.clear()
     _, run = await run_to_end(app, client, analyst, path)
     assert run["status"] == "completed", run
@@ -236,7 +221,7 @@ async def test_span_count_follows_batches_never_rows(
     app.state.runner.settings = app.state.runner.engine.settings = app.state.settings.model_copy(
         update={"PIPELINE_BATCH_SIZE": batch_size}
     )
-    path = await upload(client, analyst, "tape.csv", tape(rows))
+    path = await upload_tape(client, analyst, "tape.csv", tape(rows))
     exporter.clear()
     _, run = await run_to_end(app, client, analyst, path)
     assert (run["status"], run["total_loans"]) == ("completed", rows), run
@@ -262,7 +247,7 @@ async def test_run_log_lines_carry_run_id_and_the_runs_trace(
     exporter: InMemorySpanExporter,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     exporter.clear()
     capsys.readouterr()
     accepted, _ = await run_to_end(app, client, analyst, path)
@@ -326,7 +311,7 @@ async def test_run_api_returns_trace_id_and_trace_url(
             from backend.tests.conftest import ADMIN_PASSWORD, bearer, login
 
             headers = bearer(await login(client, "admin", ADMIN_PASSWORD))
-            path = await upload(client, headers, "known.csv", KNOWN_TAPE)
+            path = await upload_tape(client, headers, "known.csv", KNOWN_TAPE)
             accepted, run = await run_to_end(application, client, headers, path)
             listed = await client.get("/api/pipeline/runs", headers=headers)
 
@@ -347,7 +332,7 @@ async def test_a_failing_phase_marks_its_span_and_the_run_span(
 ) -> None:
     header, *rows = KNOWN_TAPE.decode().splitlines()
     short = "\n".join([header.replace(",credit_score", ""), *rows[:2]]) + "\n"
-    path = await upload(client, analyst, "short.csv", short.encode())
+    path = await upload_tape(client, analyst, "short.csv", short.encode())
     exporter.clear()
     _, run = await run_to_end(app, client, analyst, path)
     message = "The tape is missing required columns: credit_score"
@@ -389,7 +374,7 @@ async def test_a_crashing_phase_is_an_error_span_without_secrets(
         return [*default_phases()[:-1], BrokenReport()]
 
     app.state.runner.engine.phases = phases
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     exporter.clear()
     _, run = await run_to_end(app, client, analyst, path)
     assert (run["status"], run["error_message"]) == ("failed", INTERNAL_MESSAGE)
@@ -427,7 +412,7 @@ async def test_concurrent_runs_keep_their_own_trace_and_run_id(
     exporter: InMemorySpanExporter,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     exporter.clear()
     capsys.readouterr()
     accepted = []
@@ -479,7 +464,7 @@ async def test_an_interrupted_run_still_ends_every_span(
         return [*default_phases()[:-1], held]
 
     app.state.runner.engine.phases = phases
-    path = await upload(client, analyst, "known.csv", KNOWN_TAPE)
+    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
     exporter.clear()
     response = await client.post("/api/pipeline/run", json={"input_path": path}, headers=analyst)
     assert response.status_code == 202
