@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from moto.server import ThreadedMotoServer
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -96,6 +97,12 @@ async def clean_db(migrated_database: str) -> str:
 def settings(clean_db: str, tmp_path: Path) -> Settings:
     # Local storage under the test's own folder: never the repository's ./var.
     return make_settings(DATABASE_URL=clean_db, STORAGE_LOCAL_ROOT=str(tmp_path / "storage"))
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    """Collects the spans of an app built with `create_app(settings, span_exporter=exporter)`."""
+    return InMemorySpanExporter()
 
 
 @pytest.fixture

@@ -94,11 +94,6 @@ async def running(
 
 
 @pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
 async def app(settings: Settings, exporter: InMemorySpanExporter) -> AsyncIterator[FastAPI]:
     # Overrides conftest's `app`: the same app, plus the test routes and an exporter.
     application = create_app(settings, span_exporter=exporter)

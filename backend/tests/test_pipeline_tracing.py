@@ -43,16 +43,20 @@ SECRET = "hunter2-never-in-a-span"
 
 
 @pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
 async def app(settings: Settings, exporter: InMemorySpanExporter) -> AsyncIterator[FastAPI]:
     # Overrides conftest's `app`: the same app, exporting its spans to `exporter`.
     application = create_app(settings, span_exporter=exporter)
     async with application.router.lifespan_context(application):
         yield application
+
+
+async def upload_known_tape(
+    client: httpx.AsyncClient, headers: dict[str, str], exporter: InMemorySpanExporter
+) -> str:
+    """Upload the hand-made tape, then forget the upload's spans: what follows is the run's."""
+    path = await upload_tape(client, headers, "known.csv", KNOWN_TAPE)
+    exporter.clear()
+    return path
 
 
 async def run_to_end(
@@ -120,8 +124,7 @@ async def test_a_run_is_one_trace_of_seven_phases_linked_to_its_request(
     analyst: dict[str, str],
     exporter: InMemorySpanExporter,
 ) -> None:
-    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
-    exporter.clear()
+    path = await upload_known_tape(client, analyst, exporter)
     accepted, run = await run_to_end(app, client, analyst, path)
     assert run["status"] == "completed", run
 
@@ -185,8 +188,7 @@ async def test_sql_spans_hang_under_the_phase_that_issued_them(
     analyst: dict[str, str],
     exporter: InMemorySpanExporter,
 ) -> None:
-    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
-    exporter.clear()
+    path = await upload_known_tape(client, analyst, exporter)
     _, run = await run_to_end(app, client, analyst, path)
     assert run["status"] == "completed", run
 
@@ -247,8 +249,7 @@ async def test_run_log_lines_carry_run_id_and_the_runs_trace(
     exporter: InMemorySpanExporter,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
-    exporter.clear()
+    path = await upload_known_tape(client, analyst, exporter)
     capsys.readouterr()
     accepted, _ = await run_to_end(app, client, analyst, path)
     after = await client.get("/api/pipeline/runs", headers=analyst)
@@ -374,8 +375,7 @@ async def test_a_crashing_phase_is_an_error_span_without_secrets(
         return [*default_phases()[:-1], BrokenReport()]
 
     app.state.runner.engine.phases = phases
-    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
-    exporter.clear()
+    path = await upload_known_tape(client, analyst, exporter)
     _, run = await run_to_end(app, client, analyst, path)
     assert (run["status"], run["error_message"]) == ("failed", INTERNAL_MESSAGE)
 
@@ -412,8 +412,7 @@ async def test_concurrent_runs_keep_their_own_trace_and_run_id(
     exporter: InMemorySpanExporter,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
-    exporter.clear()
+    path = await upload_known_tape(client, analyst, exporter)
     capsys.readouterr()
     accepted = []
     for _ in range(2):
@@ -464,8 +463,7 @@ async def test_an_interrupted_run_still_ends_every_span(
         return [*default_phases()[:-1], held]
 
     app.state.runner.engine.phases = phases
-    path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
-    exporter.clear()
+    path = await upload_known_tape(client, analyst, exporter)
     response = await client.post("/api/pipeline/run", json={"input_path": path}, headers=analyst)
     assert response.status_code == 202
     await asyncio.wait_for(reached.wait(), DEADLINE_SECONDS)
