@@ -8,6 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_DATABASE_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+TEST_CELERY_BROKER_URL ?= redis://127.0.0.1:6379/13
 PYTEST_ARGS ?=
 
 # Use uv from PATH when present; otherwise bootstrap a pinned uv into .tools/.
@@ -21,10 +22,10 @@ BIN := $(VENV)/bin
 export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help install run test lint format typecheck migrate seed services bench clean
+.PHONY: help install run worker test lint format typecheck migrate seed services check-observability check-deploy bench clean
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -45,6 +46,9 @@ seed: install  ## Create the admin account if none exists
 run: migrate seed  ## Serve on $(HOST):$(PORT) (SQLite by default)
 	$(BIN)/uvicorn backend.api.main:app --host $(HOST) --port $(PORT) --no-server-header
 
+worker: migrate  ## A Celery worker for pipeline runs (PIPELINE_EXECUTOR=celery, CELERY_BROKER_URL)
+	$(BIN)/celery -A backend.worker --quiet worker -O fair --without-gossip --without-mingle
+
 lint: install  ## ruff lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -59,12 +63,23 @@ typecheck: install  ## mypy (strict)
 services:  ## Start PostgreSQL and Redis when they are not running; create the test database
 	@bash .ci/services.sh
 
-test: install lint typecheck services  ## ruff and mypy, then the whole pytest suite on PostgreSQL and Redis
+check-observability:  ## Validate the Prometheus config (promtool) and the compose file (docker-compose)
+	@bash .ci/apt-tools.sh promtool=prometheus docker-compose=docker-compose
+	promtool check config observability/prometheus/prometheus.yml
+	docker-compose -f docker-compose.observability.yml config -q
+
+check-deploy: install check-observability  ## cfn-lint on the CloudFormation stack, hadolint on the Dockerfile, shellcheck on the scripts
+	$(BIN)/cfn-lint deploy/aws/stack.yaml
+	$(BIN)/hadolint deploy/Dockerfile
+	$(BIN)/shellcheck deploy/*.sh .ci/*.sh .ci/run
+
+test: install lint typecheck check-deploy services  ## ruff, mypy, config checks, then the whole pytest suite on PostgreSQL and Redis
 	TEST_DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) \
+		TEST_CELERY_BROKER_URL=$(TEST_CELERY_BROKER_URL) \
 		$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: install services  ## Benchmarks (figures and ratios on stdout)
-	@for script in bench/*.py; do echo "== $$script"; TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python $$script || exit 1; done
+	@for script in bench/[!_]*.py; do echo "== $$script"; TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python $$script || exit 1; done
 
 clean:  ## Remove the virtualenv, caches and local data
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache .mypy_cache var

@@ -13,7 +13,8 @@ wait_for() {  # wait_for <what> <command...>: up to 30 s
 
 if ! pg_isready -h "$PG_HOST" -p "$PG_PORT" -q 2>/dev/null; then
   echo "starting PostgreSQL"
-  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start || true
+  clusters=(/etc/postgresql/*/)
+  pg_ctlcluster --skip-systemctl-redirect "$(basename "${clusters[0]}")" main start || true
 fi
 wait_for "PostgreSQL at $PG_HOST:$PG_PORT" pg_isready -h "$PG_HOST" -p "$PG_PORT" -q
 

@@ -8,13 +8,19 @@ instance per process; tests build their own `Settings(...)` and pass it to
 
 from __future__ import annotations
 
+import math
+import os
 import secrets
 import warnings
+from collections import Counter
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from backend.observability.redaction import REDACTED, is_sensitive_key, redact, redact_text
 
 Environment = Literal["development", "test", "staging", "production"]
 
@@ -37,6 +43,33 @@ PLACEHOLDER_SECRETS = frozenset(
     }
 )
 MIN_SECRET_KEY_LENGTH = 32
+# Shannon estimate over the key's own characters (length x bits per character):
+# `openssl rand -hex 16` scores 118 on average and never below ~88 in 50,000 draws,
+# `secrets.token_urlsafe(32)` ~230; 32 characters of 5 symbols score ~74.
+MIN_SECRET_KEY_BITS = 80
+MIN_SECRET_KEY_DISTINCT = 8
+# A run this long of one character is padding or a placeholder, not randomness
+# (in 64 random hex characters it happens about once in ten million keys).
+MAX_SECRET_KEY_RUN = 8
+# Words of template keys ("secret-key-please-change-me"); 5+ letters, so a random
+# base64 key contains one by chance about once in 60,000.
+PLACEHOLDER_WORDS = (
+    "change",
+    "please",
+    "example",
+    "placeholder",
+    "replace",
+    "secret",
+    "sample",
+    "dummy",
+    "default",
+    "insecure",
+    "password",
+    "development",
+)
+MIN_ADMIN_PASSWORD_LENGTH = 12
+MIN_ADMIN_PASSWORD_DISTINCT = 5
+COMMON_PASSWORDS_FILE = Path(__file__).with_name("common_passwords.txt")
 
 # The 50 states and DC: the default ELIGIBILITY_ALLOWED_STATES.
 _STATE_CODES = (
@@ -80,9 +113,18 @@ class Settings(BaseSettings):
 
     # Security / auth
     SECRET_KEY: SecretStr | None = None
+    # Development only, when SECRET_KEY is empty: the key generated once into this file
+    # (mode 0600) and reused by every process and restart. Ignored elsewhere.
+    SECRET_KEY_FILE: str = "./var/secret_key"  # noqa: S105 (a path, not a secret)
     JWT_ALGORITHM: Literal["HS256", "HS384", "HS512"] = "HS256"
     ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(default=30, ge=1, le=7 * 24 * 60)
     BCRYPT_ROUNDS: int = Field(default=12, ge=4, le=16)
+    # Self-registration (POST /api/auth/register). Unset, it follows ENVIRONMENT: open
+    # in development and test, closed in staging and production, where admins create
+    # accounts (`create-user`). Set it to override either way.
+    ALLOW_REGISTRATION: bool = Field(
+        default_factory=lambda data: data.get("ENVIRONMENT") in ("development", "test")
+    )
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     TRUSTED_HOSTS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     TRUSTED_PROXIES: Annotated[list[str], NoDecode] = Field(
@@ -120,7 +162,8 @@ class Settings(BaseSettings):
     RATE_LIMIT_UPLOAD: str = "20/minute"
 
     # Performance
-    REQUEST_TIMEOUT_SECONDS: int = Field(default=300, ge=1)
+    # Below the ALB's 60 s idle timeout, so the client gets our 504 envelope, not the ALB's.
+    REQUEST_TIMEOUT_SECONDS: int = Field(default=50, ge=1)
     SLOW_REQUEST_THRESHOLD_MS: int = Field(default=1000, ge=0)
     MAX_REQUEST_SIZE_MB: int = Field(default=100, ge=1)
 
@@ -131,6 +174,11 @@ class Settings(BaseSettings):
     DB_POOL_TIMEOUT: int = Field(default=30, ge=1)
     DB_ECHO_QUERIES: bool = False
     DB_SLOW_QUERY_MS: int = Field(default=500, ge=0)
+    # A database that accepts and never answers must cost seconds, not the request timeout.
+    DB_CONNECT_TIMEOUT_SECONDS: float = Field(default=5, gt=0, le=60)
+    DB_COMMAND_TIMEOUT_SECONDS: float = Field(default=20, gt=0, le=3600)
+    # Server-side statement_timeout (0 = none): PostgreSQL cancels what runs longer.
+    DB_STATEMENT_TIMEOUT_MS: int = Field(default=15000, ge=0)
 
     # Health checks
     HEALTH_CHECK_TIMEOUT: int = Field(default=5, ge=1)
@@ -149,6 +197,17 @@ class Settings(BaseSettings):
     # Redis unreachable: true lets requests through unlimited, false answers 503.
     RATE_LIMIT_FAIL_OPEN: bool = True
     RATE_LIMIT_KEY_PREFIX: str = "loan-engine:ratelimit"
+    # Abuse blocking (part of rate limiting, counted in its storage): this many failed
+    # logins from one client address within the window block it for ABUSE_BLOCK_SECONDS.
+    ABUSE_LOGIN_FAILURES: int = Field(default=20, ge=0, le=100000)  # 0: off
+    ABUSE_WINDOW_SECONDS: int = Field(default=300, ge=1, le=86400)
+    ABUSE_BLOCK_SECONDS: int = Field(default=900, ge=1, le=86400)
+    # Longest one rate-limit storage call may take before the fail-open/closed policy applies.
+    RATE_LIMIT_STORAGE_TIMEOUT_MS: int = Field(default=250, ge=10, le=10000)
+    # Circuit breakers (database, rate-limit storage, broker), per process: this many
+    # consecutive failures open one; after the recovery time one probe may try again.
+    CIRCUIT_FAILURE_THRESHOLD: int = Field(default=5, ge=1, le=1000)
+    CIRCUIT_RECOVERY_SECONDS: float = Field(default=30, gt=0, le=3600)
     # After SIGTERM: readiness answers 503 "draining" this long while requests are
     # still accepted, so the load balancer stops routing before the listener closes.
     SHUTDOWN_DRAIN_DELAY_SECONDS: float = Field(default=0, ge=0, le=60)
@@ -179,6 +238,14 @@ class Settings(BaseSettings):
     OTEL_SERVICE_NAME: str = "loan-engine"
     # otlp | console | none; "otlp" without an endpoint exports nothing.
     OTEL_TRACES_EXPORTER: Literal["otlp", "console", "none"] = "otlp"
+    # Metrics over OTLP (to the same endpoint unless OTEL_EXPORTER_OTLP_METRICS_ENDPOINT
+    # is set): the path that adds up several workers and tasks.
+    OTEL_METRICS_EXPORTER: Literal["otlp", "none"] = "otlp"
+    # GET /metrics: this process's series as Prometheus text; refused (503) when the
+    # process is one of several uvicorn workers. METRICS_TOKEN, when set, is required
+    # as a bearer token.
+    METRICS_ENABLED: bool = True
+    METRICS_TOKEN: SecretStr = SecretStr("")
     OTEL_EXPORTER_OTLP_ENDPOINT: str = ""
     OTEL_EXPORTER_OTLP_PROTOCOL: Literal["grpc", "http/protobuf"] = "http/protobuf"
     OTEL_PROPAGATORS: Annotated[list[str], NoDecode] = Field(
@@ -205,6 +272,31 @@ class Settings(BaseSettings):
     PIPELINE_MAX_CONCURRENT_RUNS: int = Field(default=2, ge=1, le=64)
     PIPELINE_BATCH_SIZE: int = Field(default=5000, ge=1, le=100_000)
     PIPELINE_DRAIN_SECONDS: float = Field(default=30, ge=0)
+    # Where runs execute: "inprocess" (asyncio tasks in each API process; needs no
+    # broker) or "celery" (workers started with `make worker`, through CELERY_BROKER_URL).
+    PIPELINE_EXECUTOR: Literal["inprocess", "celery"] = "inprocess"
+    # A run is owned through a lease renewed every third of this; an owner silent for
+    # longer loses the run, and another process re-queues it.
+    PIPELINE_LEASE_SECONDS: float = Field(default=30, ge=1, le=3600)
+    # Executions a run may start (the first one included) before it is failed.
+    PIPELINE_MAX_ATTEMPTS: int = Field(default=3, ge=1, le=20)
+    # Runs waiting to start, over every process; beyond it a new run answers 429.
+    PIPELINE_MAX_QUEUED_RUNS: int = Field(default=100, ge=1)
+    CELERY_BROKER_URL: str = "redis://127.0.0.1:6379/0"
+    # Redis/SQS brokers hand an unacknowledged run to another worker after this long:
+    # keep it above the longest run (leases, not redelivery, recover dead workers).
+    CELERY_VISIBILITY_TIMEOUT_SECONDS: int = Field(default=4 * 3600, ge=60)
+    # Runs one `celery worker` executes at once (its pool processes).
+    CELERY_WORKER_CONCURRENCY: int = Field(default=2, ge=1, le=64)
+    CELERY_QUEUE: str = "loan-engine.pipeline"
+    # Bound on handing a run to the broker; past it the submit answers 503.
+    CELERY_PUBLISH_TIMEOUT_SECONDS: float = Field(default=5, gt=0, le=60)
+
+    # Interpreter (backend/runtime.py), applied once start-up is done in every API and
+    # worker process: fewer garbage collections that skip start-up's objects, and the
+    # event loop takes the GIL back from a computing thread sooner.
+    RUNTIME_GC_TUNING: bool = True
+    RUNTIME_GIL_SWITCH_INTERVAL_MS: float = Field(default=1.0, gt=0, le=100)
     ELIGIBILITY_MIN_CREDIT_SCORE: int = Field(default=620, ge=300, le=850)
     ELIGIBILITY_MAX_DTI: float = Field(default=0.43, gt=0)
     ELIGIBILITY_MAX_LTV: float = Field(default=0.97, gt=0)
@@ -248,13 +340,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _secret_key_policy(self) -> Settings:
+        """Development without SECRET_KEY: the key of SECRET_KEY_FILE (made once);
+        test without it: a random key for this process; elsewhere the production
+        policy (`production_problems`) or ConfigurationError."""
         key = self.SECRET_KEY.get_secret_value() if self.SECRET_KEY else ""
-        if self.ENVIRONMENT in ("development", "test"):
+        if self.ENVIRONMENT == "development":
+            if not key:
+                self.SECRET_KEY = SecretStr(development_secret_key(Path(self.SECRET_KEY_FILE)))
+            return self
+        if self.ENVIRONMENT == "test":
             if not key:
                 self.SECRET_KEY = SecretStr(secrets.token_urlsafe(48))
                 warnings.warn(
-                    "SECRET_KEY is not set: using a random key for this process only; "
-                    "tokens will not survive a restart",
+                    "SECRET_KEY is not set: using a random key for this process only",
                     stacklevel=2,
                 )
             return self
@@ -275,20 +373,164 @@ class Settings(BaseSettings):
         return self.SECRET_KEY.get_secret_value()
 
 
+def development_secret_key(path: Path) -> str:
+    """The development signing key stored in `path`, generated there first if missing.
+
+    Every process reading the same file gets the same key, so tokens survive
+    restarts and are accepted by every worker. Creation is race-free: the key is
+    written to a private temporary file (mode 0600) and hard-linked into place,
+    so concurrent starters either create the file or read a complete one.
+    A file that exists but holds no usable key is a ConfigurationError.
+    """
+    try:
+        return _read_key_file(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (secrets.token_urlsafe(48) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temporary, path)
+        created = True
+    except FileExistsError:
+        created = False  # another process was first: use its key
+    finally:
+        temporary.unlink()
+    if created:
+        warnings.warn(
+            f"SECRET_KEY is not set: generated a development key into {path} "
+            "(kept for later starts; set SECRET_KEY outside development)",
+            stacklevel=3,
+        )
+    return _read_key_file(path)
+
+
+def _read_key_file(path: Path) -> str:
+    key = path.read_text(encoding="utf-8").strip()
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        raise ConfigurationError(
+            f"SECRET_KEY_FILE {path} holds no usable key: delete it to generate a new one"
+        )
+    return key
+
+
+def _longest_run(text: str) -> int:
+    longest = run = 0
+    previous = ""
+    for char in text:
+        run = run + 1 if char == previous else 1
+        previous = char
+        longest = max(longest, run)
+    return longest
+
+
+def _smallest_period(text: str) -> int:
+    """The shortest p such that `text` is a p-character chunk repeated (the last copy
+    possibly cut short); len(text) when it repeats nothing."""
+    for period in range(1, len(text) // 2 + 1):
+        if all(text[i] == text[i - period] for i in range(period, len(text))):
+            return period
+    return len(text)
+
+
+def entropy_bits(text: str) -> float:
+    """Estimated entropy of `text`: its length times the Shannon entropy of its
+    own character distribution (a sample estimate: low for repeats and few symbols)."""
+    if not text:
+        return 0.0
+    counts = Counter(text)
+    per_char = -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+    return per_char * len(text)
+
+
+def secret_key_weakness(key: str) -> str | None:
+    """Why `key` is not fit to sign production tokens, or None when it is."""
+    if not key:
+        return "SECRET_KEY is not set"
+    lowered = key.strip().lower()
+    if lowered in PLACEHOLDER_SECRETS:
+        return "SECRET_KEY is a known placeholder value"
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        return f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters"
+    # Written as a word (lower, UPPER or Title case): a random key of mixed case can
+    # spell one by chance ("4dUmMYUB"), and that key is fine.
+    word = next(
+        (w for w in PLACEHOLDER_WORDS if any(f in key for f in (w, w.upper(), w.title()))),
+        None,
+    )
+    if word is not None:
+        return f"SECRET_KEY looks like a placeholder (contains {word!r})"
+    if _longest_run(key) >= MAX_SECRET_KEY_RUN:
+        return "SECRET_KEY contains a long run of one character (padding?)"
+    if _smallest_period(key) <= len(key) // 2:
+        return "SECRET_KEY is a short chunk repeated"
+    if len(set(key)) < MIN_SECRET_KEY_DISTINCT:
+        return f"SECRET_KEY uses fewer than {MIN_SECRET_KEY_DISTINCT} distinct characters"
+    bits = entropy_bits(key)
+    if bits < MIN_SECRET_KEY_BITS:
+        return (
+            f"SECRET_KEY has too little entropy (~{bits:.0f} bits, "
+            f"{MIN_SECRET_KEY_BITS} needed): use `openssl rand -hex 32`"
+        )
+    return None
+
+
+@lru_cache(maxsize=1)
+def common_passwords() -> frozenset[str]:
+    """The lower-cased common passwords of `common_passwords.txt` (one a line, # comments)."""
+    lines = COMMON_PASSWORDS_FILE.read_text(encoding="utf-8").splitlines()
+    return frozenset(
+        line.strip().lower() for line in lines if line.strip() and not line.startswith("#")
+    )
+
+
+def admin_password_weakness(password: str, username: str) -> str | None:
+    """Why `password` must not guard the bootstrap admin in production, or None.
+
+    Refused: shorter than 12; the username (any case, also reversed); fewer than
+    5 distinct characters; on the common list, also once trailing digits and
+    punctuation are removed ("password123456", "admin2024!!!!").
+    """
+    lowered = password.lower()
+    if len(password) < MIN_ADMIN_PASSWORD_LENGTH:
+        return f"ADMIN_PASSWORD must be at least {MIN_ADMIN_PASSWORD_LENGTH} characters"
+    if lowered in (username.lower(), username.lower()[::-1]):
+        return "ADMIN_PASSWORD must not be the admin username"
+    if len(set(password)) < MIN_ADMIN_PASSWORD_DISTINCT:
+        return f"ADMIN_PASSWORD needs at least {MIN_ADMIN_PASSWORD_DISTINCT} distinct characters"
+    stem = lowered.rstrip("0123456789!@#$%^&*()-_=+.,?~ ")
+    common = common_passwords()
+    if lowered in common or stem in common or (stem and stem == username.lower()):
+        return "ADMIN_PASSWORD is a common password"
+    return None
+
+
 def production_problems(settings: Settings) -> list[str]:
     """Reasons this configuration is unsafe for staging or production (empty when safe)."""
     problems: list[str] = []
     key = settings.SECRET_KEY.get_secret_value() if settings.SECRET_KEY else ""
-    if not key:
-        problems.append("SECRET_KEY is not set")
-    elif key.strip().lower() in PLACEHOLDER_SECRETS:
-        problems.append("SECRET_KEY is a known placeholder value")
-    elif len(key) < MIN_SECRET_KEY_LENGTH:
-        problems.append(f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters")
+    key_problem = secret_key_weakness(key)
+    if key_problem:
+        problems.append(key_problem)
+    if settings.ADMIN_PASSWORD is not None and settings.ADMIN_PASSWORD.get_secret_value():
+        password_problem = admin_password_weakness(
+            settings.ADMIN_PASSWORD.get_secret_value(), settings.ADMIN_USERNAME
+        )
+        if password_problem:
+            problems.append(password_problem)
     if settings.DEBUG:
         problems.append("DEBUG must be off")
-    if "*" in settings.CORS_ORIGINS:
-        problems.append("CORS_ORIGINS must not be '*' (credentials are allowed)")
+    # Credentials are always allowed: "*" or "null" would hand them to any page
+    # (null: sandboxed iframes, file:// pages, redirects).
+    unsafe = [o for o in settings.CORS_ORIGINS if o.strip().lower() in ("*", "null")]
+    if unsafe:
+        problems.append(f"CORS_ORIGINS must not contain {unsafe[0]!r} (credentials are allowed)")
     if settings.is_sqlite:
         problems.append("DATABASE_URL must not be SQLite")
     return problems
@@ -300,32 +542,20 @@ def get_settings() -> Settings:
     return Settings()
 
 
-def _hide_url_password(url: str) -> str:
-    """`url` with any password replaced by ***, so it can be logged."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
 def config_summary(settings: Settings) -> dict[str, object]:
-    """The effective configuration, safe to log: secrets shown only as set / not set."""
+    """The effective configuration, safe to log or show: a setting that names a
+    credential (`redaction.is_sensitive_key`) only as "[REDACTED]" / "<not set>";
+    every other value with credentials in text (URL userinfo, password-like
+    query parameters) redacted."""
     summary: dict[str, object] = {}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
         if isinstance(value, SecretStr):
-            summary[name] = "***" if value.get_secret_value() else "<not set>"
-        elif value is None and name in ("SECRET_KEY", "ADMIN_PASSWORD"):
-            summary[name] = "<not set>"
-        elif name.endswith("_URL") and isinstance(value, str):
-            summary[name] = _hide_url_password(value)
+            value = value.get_secret_value()
+        if is_sensitive_key(name):
+            summary[name] = REDACTED if value else "<not set>"
+        elif isinstance(value, str):
+            summary[name] = redact_text(value)
         else:
-            summary[name] = value
+            summary[name] = redact(value)
     return summary

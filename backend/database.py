@@ -24,7 +24,10 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from backend.config import Settings
+from backend.errors import is_database_unavailable
+from backend.observability import metrics as app_metrics
 from backend.observability.logging_config import format_trace_ids
+from backend.resilience import CircuitBreaker
 
 SLOW_QUERY_STATEMENT_CHARS = 1000
 # Attribute on SQLAlchemy's per-execution context; the execution context is discarded
@@ -33,8 +36,14 @@ _START_ATTR = "_loan_engine_started"
 
 
 def engine_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for `create_async_engine` under these settings."""
-    options: dict[str, Any] = {"echo": settings.DB_ECHO_QUERIES, "pool_pre_ping": True}
+    """Keyword arguments for `create_async_engine` under these settings.
+
+    Statement values never appear in SQLAlchemy's error text or statement log
+    (`hide_parameters`). DB_ECHO_QUERIES is not `echo=True` (whose own stdout handler
+    prints plain-text duplicates): logging_config sets `sqlalchemy.engine` to INFO,
+    so statements come out as JSON lines through the one handler.
+    """
+    options: dict[str, Any] = {"hide_parameters": True, "pool_pre_ping": True}
     if not settings.is_sqlite:
         options.update(
             pool_size=settings.DB_POOL_SIZE,
@@ -42,12 +51,22 @@ def engine_options(settings: Settings) -> dict[str, Any]:
             pool_recycle=settings.DB_POOL_RECYCLE,
             pool_timeout=settings.DB_POOL_TIMEOUT,
             connect_args={
-                "server_settings": {"application_name": "loan-engine"},
-                # Bound connection set-up so a dead database fails fast instead of hanging.
-                "timeout": min(settings.DB_POOL_TIMEOUT, 10),
+                "server_settings": server_settings(settings),
+                # A database that accepts and never answers must fail in seconds: the
+                # connect, and every statement on a pooled connection (pre-ping included).
+                "timeout": settings.DB_CONNECT_TIMEOUT_SECONDS,
+                "command_timeout": settings.DB_COMMAND_TIMEOUT_SECONDS,
             },
         )
     return options
+
+
+def server_settings(settings: Settings) -> dict[str, str]:
+    """Session settings PostgreSQL applies to every connection of the pool."""
+    values = {"application_name": "loan-engine"}
+    if settings.DB_STATEMENT_TIMEOUT_MS:
+        values["statement_timeout"] = str(settings.DB_STATEMENT_TIMEOUT_MS)
+    return values
 
 
 def ensure_sqlite_dir(url: str) -> None:
@@ -117,6 +136,7 @@ def install_slow_query_listener(engine: AsyncEngine, threshold_ms: int) -> None:
             # The statement span's ids (a log line would otherwise carry the request's).
             fields.update(format_trace_ids(span_context.trace_id, span_context.span_id))
         log.warning("db.slow_query", **fields)
+        app_metrics.slow_queries.add(1)
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -131,6 +151,18 @@ class Database:
         self.settings = settings
         self.engine = create_engine(settings)
         self.session_factory = create_session_factory(self.engine)
+        self.breaker = CircuitBreaker(
+            "database", settings.CIRCUIT_FAILURE_THRESHOLD, settings.CIRCUIT_RECOVERY_SECONDS
+        )
+
+    @asynccontextmanager
+    async def request_session(self) -> AsyncIterator[AsyncSession]:
+        """`session()` behind the database breaker: refused at once (CircuitOpen, 503)
+        while it is open; an unreachable database counts against it, anything else
+        the route raises (a 404, a conflict) does not."""
+        with self.breaker.guard(is_database_unavailable):
+            async with self.session() as session:
+                yield session
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:

@@ -14,10 +14,20 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from opentelemetry import trace
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from fastapi.routing import iter_route_contexts
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from backend.observability.trace_ids import current_trace_id
 
 logger = structlog.get_logger(__name__)
 
@@ -36,6 +46,36 @@ STATUS_CODES: dict[int, str] = {
     503: "service_unavailable",
     504: "gateway_timeout",
 }
+
+
+class ValidationIssue(BaseModel):
+    """One rejected input of a 422: where it is, what is wrong, and the kind of error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    location: str = Field(examples=["body.sales_team_id"])
+    message: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """The inside of every error response; `details` depends on `code`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(examples=["validation_error"])
+    message: str
+    request_id: str | None
+    trace_id: str | None
+    details: list[ValidationIssue] | dict[str, Any] | None
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope (see `envelope`); documented for every error status."""
+
+    model_config = ConfigDict(extra="forbid", title="ErrorResponse")
+
+    error: ErrorBody
 
 
 class AppError(Exception):
@@ -101,9 +141,7 @@ class GatewayTimeout(AppError):
 def current_ids() -> tuple[str | None, str | None]:
     """The request id bound to the log context and the active trace id, if any."""
     request_id = structlog.contextvars.get_contextvars().get("request_id")
-    ctx = trace.get_current_span().get_span_context()
-    trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else None
-    return request_id, trace_id
+    return request_id, current_trace_id()
 
 
 def envelope(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -158,6 +196,20 @@ async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves on this request's path, for a 405's `Allow`.
+
+    The router names only the first route whose path matched; a path served by
+    several routes (GET and DELETE /api/files) must list them all.
+    """
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = STATUS_CODES.get(exc.status_code, "error")
@@ -165,9 +217,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     # Starlette's own 5xx details could describe internals; only 4xx text goes out.
     message = (detail if exc.status_code < 500 else None) or code.replace("_", " ").capitalize()
     log_error(exc.status_code, code, exc)
-    return error_response(
-        exc.status_code, code, message, headers=dict(exc.headers) if exc.headers else None
-    )
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+    return error_response(exc.status_code, code, message, headers=headers or None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -180,6 +233,14 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("db.integrity_error", error_type=type(exc).__name__)
     return error_response(409, "conflict", "The request conflicts with existing data")
+
+
+async def _data_error(request: Request, exc: Exception) -> JSONResponse:
+    # Schemas bound every input to its column; this is the net for one that slipped
+    # through: PostgreSQL refused a value (SQLSTATE class 22), which is the request's
+    # data, not an outage. Logged so the missing bound gets added.
+    logger.warning("db.data_error", error_type=type(exc).__name__)
+    return error_response(422, "validation_error", "A value in the request cannot be stored")
 
 
 # Seconds a client is asked to wait before retrying when the database is unavailable.
@@ -229,6 +290,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(DataError, _data_error)
     # Database unreachable or pool exhausted: 503, never a 500 or a hang.
     for exc_type in (PoolTimeoutError, OperationalError, InterfaceError, DBAPIError, OSError):
         app.add_exception_handler(exc_type, _database_unavailable)

@@ -1,13 +1,28 @@
 #!/bin/sh
-# Container start: migrate (retrying while the database comes up), seed the admin,
-# then `exec` the server so SIGTERM from ECS/Docker reaches uvicorn directly.
+# Container start: migrate (bounded retries while the database comes up), then either
+# `exec` the command given as arguments (a Celery worker, the one-off migrate task) or
+# seed the admin and `exec` the server, so SIGTERM from ECS/Docker reaches the process
+# directly.
+#
+# Migrations here are a convenience for `docker run` and single-task set-ups
+# (RUN_MIGRATIONS=true, the default). With several tasks starting at once they would
+# race, so the ECS stack sets RUN_MIGRATIONS=false and runs the one-off migrate task
+# before a deploy (deploy/aws/README.md). The step is bounded: it gives up after
+# MIGRATION_ATTEMPTS attempts or once MIGRATION_TIMEOUT_SECONDS have passed, whichever
+# comes first; keep that budget (plus one attempt) below the load balancer's health
+# check grace period so a task never gets killed for being slow to migrate.
 set -eu
 
 HOST="${HOST:-0.0.0.0}"
 PORT="${PORT:-8000}"
+RUN_MIGRATIONS="${RUN_MIGRATIONS:-true}"
 MIGRATION_ATTEMPTS="${MIGRATION_ATTEMPTS:-30}"
 MIGRATION_RETRY_SECONDS="${MIGRATION_RETRY_SECONDS:-2}"
+MIGRATION_TIMEOUT_SECONDS="${MIGRATION_TIMEOUT_SECONDS:-60}"
 SHUTDOWN_GRACE_SECONDS="${SHUTDOWN_GRACE_SECONDS:-30}"
+# Longer than the ALB's idle timeout (60 s): the ALB, not uvicorn, closes idle
+# connections, so uvicorn never closes one the ALB is sending a request on.
+KEEP_ALIVE_SECONDS="${KEEP_ALIVE_SECONDS:-65}"
 WEB_CONCURRENCY="${WEB_CONCURRENCY:-1}"
 UVICORN_LOG_LEVEL="$(printf '%s' "${LOG_LEVEL:-INFO}" | tr '[:upper:]' '[:lower:]')"
 
@@ -15,16 +30,24 @@ UVICORN_LOG_LEVEL="$(printf '%s' "${LOG_LEVEL:-INFO}" | tr '[:upper:]' '[:lower:
 # stop at once when the task is stopped during start-up.
 trap 'echo "entrypoint: stopped during start-up" >&2; exit 143' TERM INT
 
-attempt=1
-until python -m backend.admin.cli migrate; do
-    if [ "$attempt" -ge "$MIGRATION_ATTEMPTS" ]; then
-        echo "entrypoint: migrations failed $attempt times; giving up" >&2
-        exit 1
-    fi
-    echo "entrypoint: database not ready (attempt $attempt/$MIGRATION_ATTEMPTS); retrying in ${MIGRATION_RETRY_SECONDS}s" >&2
-    attempt=$((attempt + 1))
-    sleep "$MIGRATION_RETRY_SECONDS"
-done
+if [ "$RUN_MIGRATIONS" = "true" ]; then
+    deadline=$(($(date +%s) + MIGRATION_TIMEOUT_SECONDS))
+    attempt=1
+    until python -m backend.admin.cli migrate; do
+        if [ "$attempt" -ge "$MIGRATION_ATTEMPTS" ] || [ "$(date +%s)" -ge "$deadline" ]; then
+            echo "entrypoint: migrations failed $attempt times within ${MIGRATION_TIMEOUT_SECONDS}s; giving up" >&2
+            exit 1
+        fi
+        echo "entrypoint: database not ready (attempt $attempt/$MIGRATION_ATTEMPTS); retrying in ${MIGRATION_RETRY_SECONDS}s" >&2
+        attempt=$((attempt + 1))
+        sleep "$MIGRATION_RETRY_SECONDS"
+    done
+fi
+
+if [ "$#" -gt 0 ]; then
+    trap - TERM INT
+    exec "$@"
+fi
 
 python -m backend.admin.cli seed-admin
 
@@ -40,6 +63,7 @@ exec uvicorn backend.api.main:app \
     --proxy-headers \
     --forwarded-allow-ips "$FORWARDED_ALLOW_IPS" \
     --timeout-graceful-shutdown "$SHUTDOWN_GRACE_SECONDS" \
+    --timeout-keep-alive "$KEEP_ALIVE_SECONDS" \
     --no-server-header \
     --no-access-log \
     --log-level "$UVICORN_LOG_LEVEL"

@@ -16,27 +16,30 @@ from fastapi import APIRouter, Request
 
 from backend.api.dependencies import AdminUser, DatabaseDep, SettingsDep
 from backend.config import config_summary
-from backend.observability.health import full_health
-from backend.observability.metrics import MetricsCollector
+from backend.observability.health import circuits, full_health
+from backend.observability.metrics import AdminMetrics
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-def _metrics(request: Request) -> MetricsCollector:
-    collector: MetricsCollector = request.app.state.metrics
+def _metrics(request: Request) -> AdminMetrics:
+    collector: AdminMetrics = request.app.state.metrics
     return collector
 
 
 @router.get("/metrics")
 async def metrics(request: Request, _admin: AdminUser) -> dict[str, Any]:
-    """Request counts, error rates, latency percentiles and pipeline runs of this process."""
+    """Request counts, error rates, latency percentiles and pipeline runs of this process,
+    read off the same instruments as /metrics and OTLP (`scope` says which process)."""
     body = _metrics(request).snapshot()
     limiter = getattr(request.app.state, "rate_limiter", None)
     if limiter is not None:
         body["rate_limit"] = {
             "rejected": limiter.rejected,
             "storage_errors": limiter.storage_errors,
+            "blocked_clients": limiter.blocked_clients,
         }
+    body["circuits"] = circuits(request)
     return body
 
 

@@ -6,15 +6,19 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
-from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi import Depends, FastAPI
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace.export import SpanExporter
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.middleware import Middleware
 
 from backend.admin.routes import router as admin_router
+from backend.api.dependencies import require_json_body
+from backend.api.openapi import install_openapi
 from backend.auth.routes import router as auth_router
 from backend.config import ConfigurationError, Settings, config_summary, get_settings
 from backend.database import Database
@@ -22,23 +26,33 @@ from backend.errors import install_error_handlers
 from backend.files.routes import router as files_router
 from backend.lifecycle import drain_pipeline, install_drain_handler
 from backend.middleware.client_ip import TrustedProxies
+from backend.middleware.compression import CompressionMiddleware
+from backend.middleware.cors import EnvelopeCORSMiddleware
 from backend.middleware.error_handler import ErrorHandlerMiddleware
 from backend.middleware.rate_limiter import RateLimiter, RateLimitMiddleware
-from backend.middleware.request_context import install_request_context
+from backend.middleware.request_context import RequestContextMiddleware
 from backend.middleware.request_limits import MB, RequestLimitsMiddleware
-from backend.middleware.security_headers import SecurityHeadersMiddleware
+from backend.middleware.request_start import RequestStartMiddleware
+from backend.middleware.security_headers import SecurityHeaders
 from backend.middleware.trusted_host import TrustedHostMiddleware
+from backend.observability import metrics as app_metrics
 from backend.observability.health import router as health_router
+from backend.observability.instrumentation import instrument_engine, server_span_options
 from backend.observability.logging_config import (
     configure_logging,
     replay_warnings,
     warnings_held_for_logging,
 )
-from backend.observability.metrics import MetricsCollector
-from backend.observability.tracing import Tracing, instrument_app, instrument_engine
+from backend.observability.metrics import AdminMetrics
+from backend.observability.scrape import router as metrics_router
+from backend.observability.span_export import Tracing, process_tracer_provider
+from backend.pipeline.dispatch import RunDispatcher
 from backend.pipeline.routes import router as pipeline_router
 from backend.pipeline.runner import PipelineRunner
-from backend.storage import create_storage
+from backend.resilience import CircuitBreaker
+from backend.runtime import tune_for_latency
+from backend.storage import Storage, create_storage
+from backend.teams.routes import router as teams_router
 from backend.users import service as users_service
 from backend.users.routes import router as users_router
 
@@ -55,6 +69,15 @@ async def seed_admin(database: Database, settings: Settings) -> None:
         logger.warning("admin.seed.skipped", reason=type(exc).__name__)
 
 
+def create_dispatcher(database: Database, storage: Storage, settings: Settings) -> RunDispatcher:
+    """The executor PIPELINE_EXECUTOR names: runs in this process, or on Celery workers."""
+    if settings.PIPELINE_EXECUTOR == "celery":
+        from backend.worker.publisher import CeleryPublisher
+
+        return CeleryPublisher(database, settings)
+    return PipelineRunner(database, storage, settings)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -62,6 +85,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # thread and service.instance.id belong to the worker.
     tracing: Tracing = app.state.tracing
     tracing.start()
+    # Metrics share the process's resource (service.instance.id) with the traces.
+    app_metrics.start_metrics(settings, process_tracer_provider(settings).resource)
     # Hardening: one redacted line with the effective configuration.
     logger.info("config.summary", **config_summary(settings))
     app.state.started_at = time.monotonic()
@@ -71,12 +96,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.db = database
     storage = create_storage(settings)
     app.state.storage = storage
-    runner = PipelineRunner(database, storage, settings, metrics=app.state.metrics)
+    runner = create_dispatcher(database, storage, settings)
     app.state.runner = runner
+    # Circuit breakers by dependency, for readiness and the admin metrics.
+    breakers = [database.breaker, getattr(runner, "breaker", None)]
+    limiter_now: RateLimiter | None = getattr(app.state, "rate_limiter", None)
+    if limiter_now is not None:
+        breakers.append(limiter_now.breaker)
+        await limiter_now.warm_up()
+    app.state.breakers = {b.name: b for b in breakers if isinstance(b, CircuitBreaker)}
+    for breaker in app.state.breakers.values():
+        app_metrics.watch_breaker(breaker)
     await seed_admin(database, settings)
-    await runner.recover()
+    # Recovery takes only runs whose owner's lease has expired: starting a process never
+    # touches the runs of live ones.
+    await runner.start()
     # Hardening: SIGTERM flips readiness to "draining" before uvicorn stops accepting.
     uninstall_drain_handler = install_drain_handler(app, settings)
+    tune_for_latency(settings)
     logger.info("app.started", environment=settings.ENVIRONMENT, version=settings.APP_VERSION)
     try:
         yield
@@ -91,37 +128,79 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await storage.close()
         await database.dispose()
         logger.info("app.stopped")
+        app_metrics.flush_metrics(settings.OTEL_SHUTDOWN_TIMEOUT_SECONDS)
         tracing.shutdown()
         uninstall_drain_handler()
 
 
-def add_hardening_middleware(app: FastAPI, settings: Settings) -> None:
-    """Hardening layers; outermost first once built: [security headers], trusted host,
-    error envelope, body size/time limits, [rate limit], then the router.
-
-    `add_middleware` puts each new layer outside the previous ones, so they are
-    added innermost first. Request context and the OTel server span go outside these.
+def request_path(settings: Settings, limiter: RateLimiter | None) -> list[Middleware]:
+    """Every layer a request passes through, outermost first (ARCHITECTURE.md "The path
+    of a request"). FastAPI puts its ServerErrorMiddleware outside this list (nothing
+    reaches it: the request context renders what escapes) and its exception handlers
+    and the router inside.
     """
     trusted = TrustedProxies(settings.TRUSTED_PROXIES)
-    if settings.RATE_LIMIT_ENABLED:
-        limiter = RateLimiter(settings)
-        app.state.rate_limiter = limiter
-        app.add_middleware(RateLimitMiddleware, limiter=limiter, trusted_proxies=trusted)
-    app.add_middleware(
-        RequestLimitsMiddleware,
-        max_body_bytes=settings.MAX_REQUEST_SIZE_MB * MB,
-        max_upload_bytes=settings.MAX_UPLOAD_SIZE_MB * MB,
-        timeout_seconds=settings.REQUEST_TIMEOUT_SECONDS,
+    security = (
+        SecurityHeaders(trusted_proxies=trusted, production=settings.ENVIRONMENT == "production")
+        if settings.ENABLE_SECURITY_HEADERS
+        else None
     )
-    # Unhandled exceptions become the envelope here, inside the layers above.
-    app.add_middleware(ErrorHandlerMiddleware)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.TRUSTED_HOSTS)
-    if settings.ENABLE_SECURITY_HEADERS:
-        app.add_middleware(
-            SecurityHeadersMiddleware,
-            trusted_proxies=trusted,
-            production=settings.ENVIRONMENT == "production",
-        )
+    cors = (
+        [Middleware(EnvelopeCORSMiddleware, **cors_options(settings))]
+        if settings.CORS_ORIGINS
+        else []
+    )
+    rate_limit = (
+        [Middleware(RateLimitMiddleware, limiter=limiter, trusted_proxies=trusted)]
+        if limiter is not None
+        else []
+    )
+    return [
+        # Clean trace and log contexts; the route template looked up once, for all below.
+        Middleware(RequestStartMiddleware),
+        # The server span (a 500 from any layer below is an error span) and HTTP metrics.
+        Middleware(OpenTelemetryMiddleware, **server_span_options()),
+        # Request id, log context, response headers (request id, Server-Timing, security,
+        # Connection: close while draining), the access line; the last-resort envelope.
+        Middleware(RequestContextMiddleware, settings=settings, security=security),
+        # Inside the response headers: a preflight (allowed or refused) carries them too.
+        *cors,
+        # Unhandled exceptions become the envelope here, inside CORS and the headers.
+        Middleware(ErrorHandlerMiddleware),
+        Middleware(TrustedHostMiddleware, allowed_hosts=settings.TRUSTED_HOSTS),
+        # Every body from here in (error envelopes included) may be gzipped; the access
+        # line counts the bytes sent. File downloads stream as stored.
+        Middleware(
+            CompressionMiddleware, exclude_paths=[files_router.url_path_for("download_file")]
+        ),
+        Middleware(
+            RequestLimitsMiddleware,
+            max_body_bytes=settings.MAX_REQUEST_SIZE_MB * MB,
+            max_upload_bytes=settings.MAX_UPLOAD_SIZE_MB * MB,
+            timeout_seconds=settings.REQUEST_TIMEOUT_SECONDS,
+        ),
+        *rate_limit,
+    ]
+
+
+def cors_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "allow_origins": settings.CORS_ORIGINS,
+        "allow_credentials": True,
+        "allow_methods": ["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+        "allow_headers": ["Authorization", "Content-Type", "X-Request-ID"],
+        # Let browser clients read the request id, the rate-limit state and Retry-After.
+        "expose_headers": [
+            "X-Request-ID",
+            "Server-Timing",
+            "Retry-After",
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset",
+            "RateLimit",
+            "RateLimit-Policy",
+        ],
+    }
 
 
 def create_app(
@@ -137,19 +216,30 @@ def create_app(
         settings = settings or get_settings()
     configure_logging(settings)
     replay_warnings(early_warnings)
+    limiter = RateLimiter(settings) if settings.RATE_LIMIT_ENABLED else None
     app = FastAPI(
         title=settings.APP_NAME,
         version=settings.APP_VERSION,
         debug=False,
         lifespan=lifespan,
+        middleware=request_path(settings, limiter),
+        # The server span and HTTP metrics come from the OpenTelemetry middleware in
+        # request_path(); FastAPI's own telemetry stays off (no second span per request).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+        # One check for every route with a JSON body: another Content-Type is a 415.
+        dependencies=[Depends(require_json_body)],
     )
     app.state.settings = settings
     app.state.tracing = Tracing(settings, span_exporter)
-    app.state.metrics = MetricsCollector()
+    app.state.metrics = AdminMetrics()
+    if limiter is not None:
+        app.state.rate_limiter = limiter
     install_error_handlers(app)
     app.include_router(health_router)
+    app.include_router(metrics_router)
     app.include_router(auth_router)
     app.include_router(users_router)
+    app.include_router(teams_router)
     app.include_router(files_router)
     app.include_router(pipeline_router)
     if settings.ADMIN_DIAGNOSTICS_ENABLED:
@@ -158,35 +248,7 @@ def create_app(
         from backend.api.debug import router as debug_router
 
         app.include_router(debug_router)
-    add_hardening_middleware(app, settings)
-    if settings.CORS_ORIGINS:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.CORS_ORIGINS,
-            allow_credentials=True,
-            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            # Hardening: let browser clients read the rate-limit state and Retry-After.
-            expose_headers=[
-                "X-Request-ID",
-                "Server-Timing",
-                "Retry-After",
-                "X-RateLimit-Limit",
-                "X-RateLimit-Remaining",
-                "X-RateLimit-Reset",
-                "RateLimit",
-                "RateLimit-Policy",
-            ],
-        )
-    # Everything added with add_middleware above (hardening layers, CORS) runs inside
-    # the two layers below.
-    #
-    # The two outermost layers, outermost first (ARCHITECTURE.md "The path of a request"):
-    #   1. the OpenTelemetry server span (so a 500 from the catch-all handler is an error span)
-    #   2. the request context (request id, log context, Server-Timing, the access line),
-    #      which also stamps the final 500 rendered by Starlette's ServerErrorMiddleware
-    instrument_app(app)
-    install_request_context(app, settings)
+    install_openapi(app)
     return app
 
 

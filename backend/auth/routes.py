@@ -4,24 +4,47 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import structlog
 from fastapi import APIRouter, Depends, status
 from fastapi.security import OAuth2PasswordRequestForm
 
 from backend.api.dependencies import CurrentUser, SessionDep, SettingsDep
 from backend.auth import service
-from backend.auth.schemas import RegisterRequest, TokenResponse, UserRead
+from backend.auth.schemas import RegisterRequest, RegistrationAccepted, TokenResponse, UserRead
 from backend.auth.security import create_access_token
+from backend.errors import Forbidden
 
+logger = structlog.get_logger(__name__)
 router = APIRouter(prefix="/api/auth", tags=["auth"])
 
 
-@router.post("/register", status_code=status.HTTP_201_CREATED, response_model=UserRead)
-async def register(data: RegisterRequest, session: SessionDep, settings: SettingsDep) -> UserRead:
+class RegistrationClosed(Forbidden):
+    code, message = "registration_closed", "Self-registration is disabled; ask an admin"
+
+
+@router.post(
+    "/register",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=RegistrationAccepted,
+    responses={403: {"description": "Self-registration is disabled (ALLOW_REGISTRATION)"}},
+)
+async def register(
+    data: RegisterRequest, session: SessionDep, settings: SettingsDep
+) -> RegistrationAccepted:
+    """Create a viewer account. A taken username or email gets the same 202 and body as
+    a new account (and takes as long), so the endpoint never tells which names exist."""
+    if not settings.ALLOW_REGISTRATION:
+        raise RegistrationClosed()
     user = await service.register(session, settings, data)
-    return UserRead.model_validate(user)
+    logger.info("user.registered" if user else "user.registration_ignored")
+    return RegistrationAccepted()
 
 
-@router.post("/login", response_model=TokenResponse)
+@router.post(
+    "/login",
+    response_model=TokenResponse,
+    responses={401: {"description": "Wrong credentials or an inactive account (always the same)"}},
+)
 async def login(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
     session: SessionDep,

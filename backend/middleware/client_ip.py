@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from starlette.datastructures import Headers
 from starlette.types import Scope
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -52,12 +53,11 @@ class TrustedProxies:
         return any(parsed in network for network in self.networks)
 
 
-def _header_values(scope: Scope, name: bytes) -> list[str]:
+def _header_values(scope: Scope, name: str) -> list[str]:
     """Every comma-separated item of every `name` header, in order of arrival."""
-    items: list[str] = []
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            items.extend(part.strip() for part in value.decode("latin-1").split(","))
+    items = (
+        part.strip() for value in Headers(scope=scope).getlist(name) for part in value.split(",")
+    )
     return [item for item in items if item]
 
 
@@ -82,7 +82,7 @@ def client_ip(scope: Scope, trusted: TrustedProxies) -> str:
     if peer not in trusted:
         return peer
     candidate = peer
-    for hop in reversed(_header_values(scope, b"x-forwarded-for")):
+    for hop in reversed(_header_values(scope, "x-forwarded-for")):
         address = _parse_ip(hop)
         if address is None:
             # Garbage can only come from the client's own part of the header:
@@ -101,6 +101,6 @@ def is_https(scope: Scope, trusted: TrustedProxies) -> bool:
     peer = peer_address(scope)
     if peer is None or peer not in trusted:
         return False
-    protos = _header_values(scope, b"x-forwarded-proto")
+    protos = _header_values(scope, "x-forwarded-proto")
     # The nearest proxy appends last; that is the hop that saw the client's scheme.
     return bool(protos) and protos[-1].lower() == "https"

@@ -13,12 +13,13 @@ from opentelemetry.trace import Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.errors import unhandled_exception_response
+from backend.observability.redaction import record_exception
 
 
 class ErrorHandlerMiddleware:
     """Contract: an exception escaping the app before the response started becomes
     the envelope (500 internal_error, or 503 when the database is unavailable),
-    logged with its traceback and recorded on the current span. After the
+    logged with its traceback and recorded (redacted) on the current span. After the
     response started it propagates unchanged (the connection is cut)."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -43,7 +44,9 @@ class ErrorHandlerMiddleware:
             if response_started:
                 raise
             span = trace.get_current_span()
-            span.record_exception(exc)
+            # Redacted: SQLAlchemy's message carries the statement (and, without
+            # hide_parameters, its values); a message may quote a credential.
+            record_exception(span, exc)
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             response = unhandled_exception_response(exc)
             await response(scope, receive, send)

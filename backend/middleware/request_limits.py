@@ -10,6 +10,7 @@ from urllib.parse import unquote_to_bytes
 import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.errors import error_response
@@ -22,8 +23,17 @@ UPLOAD_PREFIX = "/api/files/upload"
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
-class _BodyTooLarge(Exception):
-    """Raised into the app when the streamed body passes the limit."""
+class _BodyTooLarge(BaseException):
+    """Raised into the app when the streamed body passes the limit, after the 413 went out.
+
+    A BaseException, so that nothing between here and the app's body read claims it:
+    FastAPI turns any Exception raised while reading the body into a 400 and the
+    error handlers would log that 400 after the 413. Only this layer catches it.
+    """
+
+
+class _BodyTooLateToRefuse(Exception):
+    """The body passed the limit after the app had started its response."""
 
 
 def has_control_chars(scope: Scope) -> bool:
@@ -107,9 +117,10 @@ class RequestLimitsMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    if not response_started:
-                        await self._too_large(scope, receive, send, limit)
-                        rejected = True
+                    if response_started:
+                        raise _BodyTooLateToRefuse
+                    await self._too_large(scope, receive, send, limit)
+                    rejected = True
                     raise _BodyTooLarge
             return message
 
@@ -121,6 +132,8 @@ class RequestLimitsMiddleware:
             if not deadline.expired():
                 raise  # a TimeoutError from inside the app (e.g. a connect timeout)
             await self._timed_out(scope, receive, send, started, response_started)
+        except _BodyTooLarge:
+            pass  # the 413 went out and was logged: it says it all
         except Exception:
             if not rejected:
                 raise
@@ -164,10 +177,8 @@ class RequestLimitsMiddleware:
 
 def _content_length(scope: Scope) -> int | None:
     """The declared body length; None when absent, -1 when not a valid number."""
-    for key, value in scope.get("headers", ()):
-        if key.lower() == b"content-length":
-            text = value.strip()
-            if not text.isdigit():
-                return -1
-            return int(text)
-    return None
+    value = Headers(scope=scope).get("content-length")
+    if value is None:
+        return None
+    text = value.strip()
+    return int(text) if text.isdigit() else -1

@@ -1,9 +1,9 @@
-"""Security response headers on every HTTP response (pure ASGI)."""
+"""Security response headers on every HTTP response (added in the request context's
+one pass over the response headers)."""
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from backend.middleware.client_ip import TrustedProxies, is_https
 
@@ -39,45 +39,50 @@ COMMON_HEADERS: tuple[tuple[str, str], ...] = (
 )
 
 
-class SecurityHeadersMiddleware:
-    """Adds the OWASP response headers and removes `Server`.
+# Names this layer sets (lower-case): a value the app set for one of them is replaced.
+REPLACED = frozenset(
+    {name.lower().encode() for name, _ in COMMON_HEADERS} | {b"content-security-policy", b"server"}
+)
+_COMMON_RAW = tuple((name.lower().encode(), value.encode()) for name, value in COMMON_HEADERS)
+_CSP = b"content-security-policy"
+_NO_STORE = (b"cache-control", b"no-store")
+_API_CSP = (_CSP, API_CSP.encode())
+_DOCS_CSP = (_CSP, DOCS_CSP.encode())
+_HTML_CSP = (_CSP, STRICT_HTML_CSP.encode())
+_HSTS = (b"strict-transport-security", HSTS.encode())
 
-    Contract: every HTTP response leaving this layer carries nosniff,
-    X-Frame-Options DENY, Referrer-Policy, Permissions-Policy and a CSP (strict
-    on HTML, relaxed only under /docs and /redoc, `default-src 'none'` on
-    everything else); `Cache-Control: no-store` unless the app chose a policy;
-    HSTS in production when the client connected over HTTPS.
+
+class SecurityHeaders:
+    """The OWASP response headers, for the response-header pass of the request context.
+
+    Contract: every HTTP response carries nosniff, X-Frame-Options DENY,
+    Referrer-Policy, Permissions-Policy and a CSP (strict on HTML, relaxed only
+    under /docs and /redoc, `default-src 'none'` on everything else);
+    `Cache-Control: no-store` unless the app chose a policy; HSTS in production
+    when the client connected over HTTPS; no `Server` header.
     """
 
-    def __init__(self, app: ASGIApp, *, trusted_proxies: TrustedProxies, production: bool) -> None:
-        self.app = app
+    def __init__(self, *, trusted_proxies: TrustedProxies, production: bool) -> None:
         self.trusted_proxies = trusted_proxies
         self.production = production
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        path: str = scope.get("path", "")
-        hsts = self.production and is_https(scope, self.trusted_proxies)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in COMMON_HEADERS:
-                    headers[name] = value
-                if "cache-control" not in headers:
-                    headers["Cache-Control"] = "no-store"
-                if "text/html" in headers.get("content-type", ""):
-                    docs = path.startswith(DOCS_PREFIXES)
-                    headers["Content-Security-Policy"] = DOCS_CSP if docs else STRICT_HTML_CSP
-                else:
-                    headers["Content-Security-Policy"] = API_CSP
-                if hsts:
-                    headers["Strict-Transport-Security"] = HSTS
-                # The server name and version help nobody but an attacker.
-                del headers["server"]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+    def extend(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        scope: Scope,
+        *,
+        html: bool,
+        cache_control: bool,
+    ) -> None:
+        """Append the headers to `headers`, from which the REPLACED names were left out."""
+        headers.extend(_COMMON_RAW)
+        if not cache_control:
+            headers.append(_NO_STORE)
+        if html:
+            headers.append(
+                _DOCS_CSP if scope.get("path", "").startswith(DOCS_PREFIXES) else _HTML_CSP
+            )
+        else:
+            headers.append(_API_CSP)
+        if self.production and is_https(scope, self.trusted_proxies):
+            headers.append(_HSTS)

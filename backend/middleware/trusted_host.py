@@ -1,7 +1,10 @@
 """Answer only for the host names in TRUSTED_HOSTS (pure ASGI).
 
 Like Starlette's TrustedHostMiddleware, but a refused request gets the error
-envelope (400 bad_request) instead of a plain-text body.
+envelope (400 bad_request) instead of a plain-text body, and the health probes
+answer whatever the Host: the ALB's target-group checks send the target's IP
+(`10.0.1.23:8000`) and ECS container checks send `localhost`, neither of which
+is a public name. Every other path keeps the check.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from backend.errors import error_response
 
 logger = structlog.get_logger(__name__)
+
+# Exact paths: the probes carry no data and no session, so any Host may ask.
+PROBE_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
 
 
 class TrustedHostMiddleware:
@@ -38,7 +44,7 @@ class TrustedHostMiddleware:
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.allow_any or scope["type"] != "http":
+        if self.allow_any or scope["type"] != "http" or scope.get("path") in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
         raw = Headers(scope=scope).get("host", "")

@@ -56,7 +56,8 @@ async def run_migrations_online() -> None:
     url = _database_url()
     if url.startswith("sqlite"):
         ensure_sqlite_dir(url)
-    engine = create_async_engine(url, poolclass=NullPool)
+    # Statement values stay out of error text (a failing data migration, say).
+    engine = create_async_engine(url, poolclass=NullPool, hide_parameters=True)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run_sync)

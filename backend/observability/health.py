@@ -4,6 +4,9 @@
 - GET /health/ready: readiness. Database, storage and system checks run
   concurrently, each bounded by HEALTH_CHECK_TIMEOUT; 200 when every component is
   healthy or degraded, 503 when any is unhealthy or the process is draining.
+
+Each also answers HEAD exactly as GET (same status and headers, no body), since
+some probes and uptime monitors only send HEAD.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import psutil
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.utils import suppress_instrumentation
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from backend.config import Settings
@@ -60,18 +64,36 @@ class ComponentHealth:
 
 
 async def check_database(request: Request) -> ComponentHealth:
-    """SELECT 1 through the application's pool; slower than 100 ms is degraded."""
+    """SELECT 1 through the application's pool; slower than 100 ms is degraded.
+
+    The probe goes through the database breaker: while it is open the answer is
+    unhealthy at once ("circuit_open"); once it is due, this probe is the one call
+    let through, so readiness itself closes the breaker when the database is back
+    (the load balancer sends no traffic to an unready target to do it).
+    """
     database = request.app.state.db
+    breaker = database.breaker
+    if not breaker.allow():
+        return ComponentHealth(UNHEALTHY, error="circuit_open", details={"circuit": "open"})
     started = time.perf_counter()
-    # Probes every few seconds must not fill the trace store with orphan SQL spans.
-    with suppress_instrumentation():
-        async with database.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+    try:
+        # Probes every few seconds must not fill the trace store with orphan SQL spans.
+        with suppress_instrumentation():
+            async with database.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+    except asyncio.CancelledError:
+        # Cut off by HEALTH_CHECK_TIMEOUT: the database did not answer in time.
+        breaker.failure(TimeoutError())
+        raise
+    except Exception as exc:
+        breaker.failure(exc)
+        raise
+    breaker.success()
     latency = round((time.perf_counter() - started) * 1000, 2)
     pool = database.engine.pool
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"circuit": breaker.state}
     if hasattr(pool, "checkedout"):
-        details = {"pool_size": pool.size(), "checked_out": pool.checkedout()}
+        details.update(pool_size=pool.size(), checked_out=pool.checkedout())
     status = HEALTHY if latency <= DB_DEGRADED_MS else DEGRADED
     return ComponentHealth(status, latency, details)
 
@@ -191,19 +213,61 @@ def _base_body(request: Request, status: str) -> dict[str, Any]:
     }
 
 
-@router.get("/health")
+class Liveness(BaseModel):
+    status: Literal["ok"]
+
+
+class ComponentReport(BaseModel):
+    status: Literal["healthy", "degraded", "unhealthy"]
+    latency_ms: float
+    details: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    """The readiness body; `components` only with HEALTH_INCLUDE_DETAILS."""
+
+    status: Literal["healthy", "degraded", "unhealthy", "draining"]
+    timestamp: datetime
+    uptime_seconds: float
+    version: str
+    environment: str
+    components: dict[str, ComponentReport] | None = None
+
+
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Any]])
+
+
+def probe(path: str, **route: Any) -> Callable[[Endpoint], Endpoint]:
+    """Register `endpoint` for GET and for HEAD on `path` (HEAD as its own operation)."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        router.add_api_route(path, endpoint, methods=["GET"], **route)
+        # A name of its own: one route per method keeps the OpenAPI operation ids unique.
+        head_name = f"{endpoint.__name__}_head"
+        router.add_api_route(path, endpoint, methods=["HEAD"], name=head_name, **route)
+        return endpoint
+
+    return register
+
+
+@probe("/health", response_model=Liveness)
 async def health() -> dict[str, str]:
     """Liveness: the process answers. No I/O."""
     return {"status": "ok"}
 
 
-@router.get("/health/live")
+@probe("/health/live", response_model=Liveness)
 async def health_live() -> dict[str, str]:
     """Liveness (same as /health); stays 200 while draining."""
     return {"status": "ok"}
 
 
-@router.get("/health/ready")
+@probe(
+    "/health/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Unhealthy or draining"}},
+)
 async def health_ready(request: Request) -> JSONResponse:
     """Readiness for the load balancer: 200 healthy/degraded, 503 unhealthy or draining."""
     if getattr(request.app.state, "draining", False):
@@ -211,7 +275,7 @@ async def health_ready(request: Request) -> JSONResponse:
     body = await full_health(request)
     settings: Settings = request.app.state.settings
     if not settings.HEALTH_INCLUDE_DETAILS:
-        del body["components"]
+        del body["components"], body["circuits"]
     return JSONResponse(body, status_code=503 if body["status"] == UNHEALTHY else 200)
 
 
@@ -224,4 +288,11 @@ async def full_health(request: Request) -> dict[str, Any]:
     overall = max((r.status for r in results.values()), key=_RANK.__getitem__)
     body = _base_body(request, overall)
     body["components"] = {name: r.as_dict() for name, r in results.items()}
+    body["circuits"] = circuits(request)
     return body
+
+
+def circuits(request: Request) -> dict[str, Any]:
+    """This process's circuit breakers by dependency (state, failures, refusals)."""
+    breakers: dict[str, Any] = getattr(request.app.state, "breakers", {})
+    return {name: breaker.describe() for name, breaker in breakers.items()}

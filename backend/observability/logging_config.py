@@ -10,119 +10,54 @@ shape:
     + trace_id / span_id / xray_trace_id of the span active when the line is written
     + the call's own keys
 
-Secrets never leave this module: keys that name a credential and credentials
-embedded in URLs are replaced by "[REDACTED]" at any depth, after exceptions
-have been turned into data (so exception messages are scrubbed as well).
+Secrets never leave this module: every line, structlog's or a stdlib record,
+goes through `redaction.redact_processor` after exceptions have been turned
+into data (so exception messages and SQLAlchemy's parameter blocks are
+scrubbed as well). Database drivers never log below INFO (their DEBUG lines
+carry statement parameters), nor does `sqlalchemy.engine` (DEBUG prints result
+rows); DB_ECHO_QUERIES logs statements through this handler, one JSON line each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import re
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
 import orjson
 import structlog
 from opentelemetry import trace
+from opentelemetry.trace import format_span_id, format_trace_id
 from structlog.types import EventDict, Processor, WrappedLogger
 
 from backend.config import Settings
-
-REDACTED = "[REDACTED]"
-
-# A key is sensitive when its name contains one of these (case-insensitive).
-_SENSITIVE_KEY = re.compile(
-    r"pass(word|wd|phrase)|secret|token|authorization|cookie|api[-_]?key|credential"
-    r"|private[-_]?key|session[-_]?id",
-    re.IGNORECASE,
-)
-# scheme://user:password@host -> scheme://user:[REDACTED]@host; scheme://token@host too.
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/\s@]+)@")
-# ?token=...&password=... in query strings and DSN parameters.
-_QUERY_SECRET = re.compile(
-    r"(?P<key>[?&;](?:[^=&\s]*(?:pass(?:word|wd)?|secret|token|api[-_]?key|credential|sig)"
-    r"[^=&\s]*))=(?P<value>[^&\s#]*)",
-    re.IGNORECASE,
-)
+from backend.observability.redaction import redact_processor
+from backend.observability.trace_ids import xray_trace_id
 
 # Libraries that are chatty at INFO; raised to WARNING unless SQL echo is wanted.
 NOISY_LOGGERS = ("uvicorn.access", "sqlalchemy.engine", "httpx", "httpcore", "botocore")
+# Loggers whose records below INFO print statement parameters or result rows: never
+# written, whatever LOG_LEVEL says (levels raised, and a handler filter as a backstop).
+PARAMETER_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy.engine")
 # Loggers that some servers configure with their own handlers: ours replace them.
 _SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn.error")
 
 _configured_key: tuple[Any, ...] | None = None
-
-
-def _redact_userinfo(match: re.Match[str]) -> str:
-    userinfo = match.group("userinfo")
-    if ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        return f"{match.group('scheme')}{user}:{REDACTED}@"
-    # A lone userinfo part is usually a token (https://<token>@host).
-    return f"{match.group('scheme')}{REDACTED}@"
-
-
-def redact_text(text: str) -> str:
-    """`text` with credentials inside URLs, DSNs and query strings replaced."""
-    if "://" in text:
-        text = _URL_USERINFO.sub(_redact_userinfo, text)
-    if "=" in text:
-        text = _QUERY_SECRET.sub(lambda m: f"{m.group('key')}={REDACTED}", text)
-    return text
-
-
-def is_sensitive_key(key: object) -> bool:
-    """Whether a mapping key names a credential."""
-    if isinstance(key, bytes):
-        key = key.decode("latin-1")
-    return isinstance(key, str) and _SENSITIVE_KEY.search(key) is not None
-
-
-def redact(value: Any) -> Any:
-    """A copy of `value` with sensitive keys and URL credentials redacted, at any depth."""
-    if isinstance(value, str):
-        return redact_text(value)
-    if isinstance(value, Mapping):
-        return {k: _redact_item(k, v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = list(value)
-        # Header lists: [(name, value), ...] as ASGI and httpx carry them.
-        if (
-            len(items) == 2
-            and not isinstance(value, set | frozenset)
-            and is_sensitive_key(items[0])
-        ):
-            return (redact(items[0]), REDACTED)
-        redacted = [redact(item) for item in items]
-        return tuple(redacted) if isinstance(value, tuple) else redacted
-    if isinstance(value, bytes):
-        return redact_text(value.decode("utf-8", "replace"))
-    return value
-
-
-def _redact_item(key: object, value: Any) -> Any:
-    # A flag or an absent value cannot carry a secret (`generated_password=True` stays).
-    if is_sensitive_key(key) and value is not None and not isinstance(value, bool):
-        return REDACTED
-    return redact(value)
-
-
-def redact_processor(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """structlog processor: run `redact` over the whole event."""
-    return {key: _redact_item(key, value) for key, value in event_dict.items()}
+# The handler every line goes through; direct lines (the access line) share its lock.
+_handler: logging.StreamHandler[Any] | None = None
 
 
 def format_trace_ids(trace_id: int, span_id: int) -> dict[str, str]:
     """The log fields for a span: W3C hex ids and the X-Ray form of the trace id."""
-    hex_trace = format(trace_id, "032x")
+    hex_trace = format_trace_id(trace_id)
     return {
         "trace_id": hex_trace,
-        "span_id": format(span_id, "016x"),
-        "xray_trace_id": f"1-{hex_trace[:8]}-{hex_trace[8:]}",
+        "span_id": format_span_id(span_id),
+        "xray_trace_id": xray_trace_id(hex_trace),
     }
 
 
@@ -192,6 +127,39 @@ def _shared_processors(settings: Settings) -> list[Processor]:
     return processors
 
 
+def direct_renderer(settings: Settings) -> Callable[[str, str, dict[str, Any]], str]:
+    """Render a line as the handler would, minus the stdlib round trip (JSON format only).
+
+    The same processors in the same order (context, level, logger name, timestamp,
+    trace ids, static fields, redaction, JSON), for hot paths that write plain
+    fields (no exception, no stack) once per request.
+    """
+    context: list[Processor] = [structlog.contextvars.merge_contextvars]
+    if settings.LOG_INCLUDE_TIMESTAMP:
+        context.append(structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"))
+    context += [add_trace_context, _static_fields(settings), redact_processor]
+
+    def render(logger_name: str, level: str, event_dict: dict[str, Any]) -> str:
+        event_dict["level"] = level
+        event_dict["logger"] = logger_name
+        for processor in context:
+            event_dict = processor(None, level, event_dict)  # type: ignore[assignment]
+        return render_json(None, level, event_dict)
+
+    return render
+
+
+def write_line(line: str) -> None:
+    """Write one rendered line to the log stream, under the handler's lock."""
+    handler = _handler
+    if handler is None:
+        sys.stdout.write(line + "\n")
+        return
+    with handler.lock or contextlib.nullcontext():
+        handler.stream.write(line + "\n")
+        handler.stream.flush()
+
+
 def build_formatter(settings: Settings) -> structlog.stdlib.ProcessorFormatter:
     """The formatter that renders every record (structlog or stdlib) in the configured format."""
     final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
@@ -222,6 +190,16 @@ def build_formatter(settings: Settings) -> structlog.stdlib.ProcessorFormatter:
     )
 
 
+class DropParameterRecords(logging.Filter):
+    """Handler filter: drops records below INFO from `PARAMETER_LOGGERS` (and children)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.INFO:
+            return True
+        name = record.name
+        return not any(name == p or name.startswith(p + ".") for p in PARAMETER_LOGGERS)
+
+
 def _drop_server_extras(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     # uvicorn attaches an ANSI-coloured copy of each message; the plain one is enough.
     event_dict.pop("color_message", None)
@@ -242,7 +220,7 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
     `create_app()` may call it. Different settings (tests) reconfigure.
     `stream` replaces stdout (tests); by default lines go to the current stdout.
     """
-    global _configured_key
+    global _configured_key, _handler
     key = (
         settings.LOG_LEVEL,
         settings.LOG_FORMAT,
@@ -260,10 +238,12 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
     handler = logging.StreamHandler(stream if stream is not None else _Stdout())
     handler.setFormatter(build_formatter(settings))
     handler.set_name("loan-engine")
+    handler.addFilter(DropParameterRecords())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    _handler = handler
     root.setLevel(level)
 
     # Servers install their own handlers; one handler (the root's) means one line per record.
@@ -276,7 +256,12 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
         noisy = logging.getLogger(name)
         noisy.setLevel(logging.WARNING)
     if settings.DB_ECHO_QUERIES:
+        # Statements through our handler (never `echo=True`, whose own handler prints
+        # plain-text duplicates); INFO, not DEBUG, which would add result rows.
         logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)
+    for name in ("aiosqlite", "asyncpg"):
+        driver = logging.getLogger(name)
+        driver.setLevel(max(level, logging.INFO))
     # Python warnings (e.g. the generated development SECRET_KEY) become log lines.
     logging.captureWarnings(True)
 

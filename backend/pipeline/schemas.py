@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
+from typing import TYPE_CHECKING, Any, assert_never
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from backend.models import RunStatus, Severity
+from backend.pipeline.columns import LOAN_COLUMNS, Kind, LoanColumn
+from backend.storage.base import MAX_PATH_LENGTH
 
 
 class RunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input_path: str = Field(min_length=1, max_length=1024, examples=["inputs/tape.csv"])
+    input_path: str = Field(min_length=1, max_length=MAX_PATH_LENGTH, examples=["inputs/tape.csv"])
 
 
 class RunAccepted(BaseModel):
@@ -58,26 +61,38 @@ class ExceptionRead(BaseModel):
     message: str
 
 
-class FactRead(BaseModel):
+def _api_type(column: LoanColumn) -> Any:
+    """How a loan column of this kind reads in JSON (money and rates as numbers)."""
+    match column.kind:
+        case Kind.TEXT | Kind.CODE:
+            python: type = str
+        case Kind.MONEY | Kind.RATE | Kind.RATIO:
+            python = float
+        case Kind.INT:
+            python = int
+        case Kind.DATE:
+            python = date
+        case Kind.FLAG:
+            python = bool
+        case _:
+            assert_never(column.kind)
+    return python | None if column.nullable else python
+
+
+class _FactBase(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    row_number: int
-    loan_id: str
-    borrower_id: str
-    amount: float
-    rate: float
-    term_months: int
-    credit_score: int
-    annual_income: float
-    monthly_debt: float
-    property_value: float
-    state: str
-    property_type: str
-    occupancy: str
-    origination_date: date
-    sales_team: str | None
-    monthly_payment: float
-    ltv: float
-    dti: float
-    grade: str
-    eligible: bool
+
+if TYPE_CHECKING:
+    # create_model is opaque to mypy: to it, a fact is a model whose fields it does not know.
+    class FactRead(_FactBase):
+        pass
+
+else:
+    # One loan fact as the API returns it: every column of LOAN_COLUMNS, in order, all required.
+    FactRead = create_model(
+        "FactRead",
+        __base__=_FactBase,
+        __module__=__name__,
+        **{column.name: (_api_type(column), ...) for column in LOAN_COLUMNS},
+    )

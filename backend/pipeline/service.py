@@ -1,4 +1,8 @@
-"""Creating runs and reading runs, facts and exceptions (all SQL of the pipeline API)."""
+"""Creating runs and reading runs, facts and exceptions (all SQL of the pipeline API).
+
+Every read goes through `readable_runs(user)`: the one place runs, and the facts
+and exceptions that hang off them, are scoped by the caller (backend/scoping.py).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, and_, func, insert, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.errors import BadRequest, NotFound
+from backend.errors import AppError, BadRequest, NotFound
+from backend.files.service import readable_path
 from backend.models import (
     LoanException,
     LoanFact,
@@ -19,6 +24,9 @@ from backend.models import (
     User,
 )
 from backend.pagination import PageParams
+from backend.pipeline.leases import Leases
+from backend.pipeline.telemetry import RunTraceSeed
+from backend.scoping import creation_scope, is_unscoped_reader
 from backend.storage import Storage, parse_path
 
 
@@ -26,33 +34,101 @@ class RunNotFound(NotFound):
     code, message = "run_not_found", "Pipeline run not found"
 
 
+def readable_by(user: User) -> ColumnElement[bool]:
+    """The condition on `PipelineRun` that `user` may read the run (backend/scoping.py):
+    admins everything; others their team's runs and those they queued with no team."""
+    if is_unscoped_reader(user):
+        return true()
+    personal = and_(PipelineRun.sales_team_id.is_(None), PipelineRun.created_by == user.id)
+    if user.sales_team_id is None:
+        return personal
+    return or_(PipelineRun.sales_team_id == user.sales_team_id, personal)
+
+
+def readable_runs(user: User) -> Select[PipelineRun]:
+    """The runs `user` may read; every read of runs, facts and exceptions starts here."""
+    return select(PipelineRun).where(readable_by(user))
+
+
+# Serializes "count the queue, then add to it" across every process (PostgreSQL).
+SUBMIT_LOCK_KEY = 0x4C4F414E5F5155  # "LOAN_QU"
+QUEUE_FULL_RETRY_AFTER_SECONDS = 30
+
+
+class QueueFull(AppError):
+    status_code, code = 429, "pipeline_queue_full"
+    message = "Too many pipeline runs are waiting to start; try again later"
+
+
 async def create_run(
     session: AsyncSession,
     storage: Storage,
-    user: User,
+    user: User | None,
     input_path: str,
-    trace_id: str | None = None,
+    *,
+    leases: Leases,
+    owner: str | None,
+    max_queued: int,
+    seed: RunTraceSeed | None = None,
 ) -> PipelineRun:
-    """A committed `queued` run for an existing tape under `inputs/`.
+    """A committed `queued` run for an existing tape under `inputs/`, started by
+    `user` (None: by an operator on the command line, as no account).
 
-    `trace_id` is the run's planned trace id (32 hex), when known in advance.
+    Refused with QueueFull (nothing written) when `max_queued` runs already
+    wait, counted over every process. The run is queued for `owner` with a
+    lease (the in-process runner), or for anyone (None) with a short lease that
+    stands until the broker has it. `seed` gives its planned trace id and the
+    request it links back to.
 
-    Committed here, not at the request boundary, because the runner reads the
-    row from its own session as soon as the run is submitted.
+    Committed here, not at the request boundary, because an executor reads the
+    row from its own session as soon as the run is dispatched.
     """
     checked = parse_path(input_path)
     if checked.area != "inputs":
         raise BadRequest("input_path must be a file under inputs/")
+    # A tape the caller may not read is a 404, exactly like a missing one.
+    if user is not None:
+        readable_path(user, str(checked))
     await storage.stat(str(checked))  # 404 now rather than a failed run later
-    run = PipelineRun(
-        id=uuid.uuid4(),
-        status=RunStatus.QUEUED,
-        input_path=str(checked),
-        created_by=user.id,
-        phase_durations={},
-        trace_id=trace_id,
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        await session.execute(select(func.pg_advisory_xact_lock(SUBMIT_LOCK_KEY)))
+    waiting = await session.scalar(
+        select(func.count()).select_from(PipelineRun).where(PipelineRun.status == RunStatus.QUEUED)
     )
-    session.add(run)
+    if (waiting or 0) >= max_queued:
+        await session.rollback()
+        raise QueueFull(
+            details={"queued_runs": waiting, "max_queued_runs": max_queued},
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_SECONDS)},
+        )
+    run_id = uuid.uuid4()
+    run: PipelineRun | None = await session.scalar(
+        insert(PipelineRun)
+        .values(
+            id=run_id,
+            status=RunStatus.QUEUED,
+            input_path=str(checked),
+            # Owned by the caller and their team as of now; the reports go to that
+            # scope in storage, so they are readable by exactly who reads the run.
+            # An operator's run (no account) is unscoped: admins read it.
+            created_by=user.id if user is not None else None,
+            sales_team_id=user.sales_team_id if user is not None else None,
+            output_prefix=(
+                f"outputs/{creation_scope(user)}/{run_id}/"
+                if user is not None
+                else f"outputs/{run_id}/"
+            ),
+            phase_durations={},
+            trace_id=seed.trace_id_hex if seed is not None else None,
+            request_traceparent=seed.traceparent if seed is not None else None,
+            owner=owner,
+            lease_expires_at=leases.expiry(),
+            queued_at=leases.now(),
+        )
+        .returning(PipelineRun)
+    )
+    assert run is not None
     await session.commit()
     return run
 
@@ -66,16 +142,18 @@ async def _page(
 
 
 async def list_runs(
-    session: AsyncSession, page: PageParams, status: RunStatus | None
+    session: AsyncSession, user: User, page: PageParams, status: RunStatus | None
 ) -> tuple[list[PipelineRun], int]:
-    query = select(PipelineRun)
+    """One page of the runs `user` reads, newest first, and how many there are."""
+    query = readable_runs(user)
     if status is not None:
         query = query.where(PipelineRun.status == status)
     return await _page(session, query, page, PipelineRun.created_at.desc(), PipelineRun.id)
 
 
-async def get_run(session: AsyncSession, run_id: uuid.UUID) -> PipelineRun:
-    run = await session.get(PipelineRun, run_id)
+async def get_run(session: AsyncSession, user: User, run_id: uuid.UUID) -> PipelineRun:
+    """The run when `user` may read it; RunNotFound whether it is missing or not theirs."""
+    run = await session.scalar(readable_runs(user).where(PipelineRun.id == run_id))
     if run is None:
         raise RunNotFound()
     return run
@@ -83,12 +161,14 @@ async def get_run(session: AsyncSession, run_id: uuid.UUID) -> PipelineRun:
 
 async def list_exceptions(
     session: AsyncSession,
+    user: User,
     run_id: uuid.UUID,
     page: PageParams,
     rule: str | None,
     severity: Severity | None,
 ) -> tuple[list[LoanException], int]:
-    await get_run(session, run_id)
+    """One page of a readable run's exceptions; RunNotFound as in `get_run`."""
+    await get_run(session, user, run_id)
     query = select(LoanException).where(LoanException.run_id == run_id)
     if rule is not None:
         query = query.where(LoanException.rule_id == rule)
@@ -98,13 +178,29 @@ async def list_exceptions(
 
 
 async def list_facts(
-    session: AsyncSession, run_id: uuid.UUID, page: PageParams, eligible: bool | None
+    session: AsyncSession,
+    user: User,
+    run_id: uuid.UUID,
+    page: PageParams,
+    eligible: bool | None,
 ) -> tuple[list[LoanFact], int]:
-    await get_run(session, run_id)
+    """One page of a readable run's facts; RunNotFound as in `get_run`."""
+    await get_run(session, user, run_id)
     query = select(LoanFact).where(LoanFact.run_id == run_id)
     if eligible is not None:
         query = query.where(LoanFact.eligible == eligible)
     return await _page(session, query, page, LoanFact.row_number)
+
+
+async def stored_rows(session: AsyncSession, run_id: uuid.UUID) -> tuple[int, int]:
+    """(loan facts, exceptions) stored for the run: what its /facts and /exceptions list."""
+    facts = await session.scalar(
+        select(func.count()).select_from(LoanFact).where(LoanFact.run_id == run_id)
+    )
+    exceptions = await session.scalar(
+        select(func.count()).select_from(LoanException).where(LoanException.run_id == run_id)
+    )
+    return facts or 0, exceptions or 0
 
 
 @dataclass(frozen=True, slots=True)

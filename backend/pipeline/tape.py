@@ -15,24 +15,8 @@ from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "loan_id",
-    "borrower_id",
-    "amount",
-    "rate",
-    "term_months",
-    "credit_score",
-    "annual_income",
-    "monthly_debt",
-    "property_value",
-    "state",
-    "property_type",
-    "occupancy",
-    "origination_date",
-    "sales_team",
-)
-# Computed by the enrich phase; stored with each fact and written to eligible.csv.
-DERIVED_COLUMNS: tuple[str, ...] = ("monthly_payment", "ltv", "dti", "grade")
+# Every column a tape must have, as `backend.pipeline.columns` defines them.
+from backend.pipeline.columns import REQUIRED_COLUMNS as REQUIRED_COLUMNS
 
 # Weights loosely follow where US mortgages are written.
 _STATES = (
@@ -112,36 +96,36 @@ def generate_tape(
         income = math.ceil((payment + debt) / dti * 12 / 100) * 100
         value = round(amount / ltv / 100) * 100
         origination = _BASE_DATE - timedelta(days=rng.randint(0, 3 * 365))
-        row = [
-            f"L{seed % 1000:03d}{i:09d}",
-            f"B{rng.randint(0, 99_999_999):08d}",
-            f"{amount:.2f}",
-            f"{rate:.3f}",
-            str(term),
-            str(score),
-            f"{income:.2f}",
-            f"{debt:.2f}",
-            f"{value:.2f}",
-            state if rng.random() > 0.05 else state.lower(),  # some lower-case states
-            ptype,
-            str(_pick(rng, _OCCUPANCY)),
-            origination.isoformat(),
-            rng.choice(_TEAMS),
-        ]
-        if malformed:
-            kind = rng.choice(_MALFORMED)
-            if kind == "amount":
-                row[2] = "12O,000"
-            elif kind == "credit_score":
-                row[5] = "9999"
-            elif kind == "date":
-                row[12] = "2024-02-30"
-            elif kind == "rate":
-                row[3] = ""
-            elif kind == "term":
-                row[4] = "thirty"
-            else:
-                row = row[:11]
+        values = {
+            "loan_id": f"L{seed % 1000:03d}{i:09d}",
+            "borrower_id": f"B{rng.randint(0, 99_999_999):08d}",
+            "amount": f"{amount:.2f}",
+            "rate": f"{rate:.3f}",
+            "term_months": str(term),
+            "credit_score": str(score),
+            "annual_income": f"{income:.2f}",
+            "monthly_debt": f"{debt:.2f}",
+            "property_value": f"{value:.2f}",
+            "state": state if rng.random() > 0.05 else state.lower(),  # some lower-case states
+            "property_type": ptype,
+            "occupancy": str(_pick(rng, _OCCUPANCY)),
+            "origination_date": origination.isoformat(),
+            "sales_team": rng.choice(_TEAMS),
+        }  # the calls to rng above run in this order: keep it, or every tape changes
+        kind = rng.choice(_MALFORMED) if malformed else None
+        if kind == "amount":
+            values["amount"] = "12O,000"
+        elif kind == "credit_score":
+            values["credit_score"] = "9999"
+        elif kind == "date":
+            values["origination_date"] = "2024-02-30"
+        elif kind == "rate":
+            values["rate"] = ""
+        elif kind == "term":
+            values["term_months"] = "thirty"
+        row = [values[name] for name in REQUIRED_COLUMNS]
+        if kind == "field_count":
+            row = row[:-3]  # a short row: its last three fields are missing
         yield row
 
 

@@ -3,7 +3,9 @@
 The trace of a run:
 
     pipeline.run                    root of a NEW trace; links to the POST's server span
-      SELECT/UPDATE ...             the runner's status writes (running, completed, failed)
+                                    (and, on a worker, to the message's consumer span)
+      pipeline.queue.wait           from queued to claimed (the root starts with it)
+      SELECT/UPDATE ...             the executor's status writes (claim, completed, failed)
       pipeline.phase.ingest
       pipeline.phase.validate
       pipeline.phase.normalize
@@ -24,9 +26,10 @@ phase's work is therefore not one contiguous stretch, and one span per call
 would mean a span per phase per batch. Instead each phase has ONE span for the
 run (`PhaseSpan`), opened just before its `start` and ended after its `finish`
 (or `abort`); each call into the phase runs with that span made current
-(an OpenTelemetry context attach/detach, per phase per batch), so whatever the
-phase emits (SQL spans, log lines, tasks it creates such as persist's COPY)
-lands under it. Phase spans thus overlap in time, each covering its phase's
+(an OpenTelemetry context attach/detach, per phase per batch, on the event
+loop or in the worker thread that runs the phase's `transform`), so whatever
+the phase emits (SQL spans, log lines, tasks it creates such as persist's
+COPY) lands under it. Phase spans thus overlap in time, each covering its phase's
 stretch from start to finish; the time the phase actually worked is
 `pipeline.phase.busy_seconds`. A run makes 1 + 7 spans plus one per statement:
 no span per batch, none per row.
@@ -39,24 +42,33 @@ run's user-safe message, or the exception type for an internal error.
 
 from __future__ import annotations
 
-import traceback
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Link,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    format_span_id,
+    format_trace_id,
+)
 
 from backend.config import Settings
-from backend.observability.logging_config import redact_text
-from backend.observability.tracing import new_trace_context, plan_trace_id, trace_url
+from backend.observability.redaction import record_exception
+from backend.observability.trace_ids import new_trace_context, plan_trace_id, trace_url
 
 tracer = trace.get_tracer("backend.pipeline")
-
-EXCEPTION_TEXT_CHARS = 4000
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +84,42 @@ class RunTraceSeed:
 
     @property
     def trace_id_hex(self) -> str | None:
-        return format(self.trace_id, "032x") if self.trace_id is not None else None
+        return format_trace_id(self.trace_id) if self.trace_id is not None else None
+
+    @property
+    def traceparent(self) -> str | None:
+        """The linked span as a W3C traceparent, to keep with the run; None without one."""
+        if self.link is None:
+            return None
+        return (
+            f"00-{format_trace_id(self.link.trace_id)}-{format_span_id(self.link.span_id)}-"
+            f"{int(self.link.trace_flags):02x}"
+        )
+
+    @classmethod
+    def stored(cls, trace_id: str | None, traceparent: str | None) -> RunTraceSeed:
+        """The seed of a run as its row keeps it (`trace_id`, `request_traceparent`)."""
+        planned: int | None = None
+        if trace_id:
+            try:
+                planned = int(trace_id, 16) or None
+            except ValueError:
+                planned = None
+        return cls(planned, parse_traceparent(traceparent) if traceparent else None)
+
+
+def parse_traceparent(value: str) -> SpanContext | None:
+    """The span context of a W3C traceparent `00-<32 hex>-<16 hex>-<2 hex>`, or None."""
+    parts = value.strip().split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 0xFF))
 
 
 def seed_from_request() -> RunTraceSeed:
@@ -94,56 +141,74 @@ def run_trace_url(settings: Settings, trace_id: str | None) -> str | None:
     return trace_url(settings, trace_id) if trace_id else None
 
 
-def current_trace_id() -> str | None:
-    """The 32-hex trace id of the current span, or None outside a (valid) span."""
-    span_context = trace.get_current_span().get_span_context()
-    return format(span_context.trace_id, "032x") if span_context.is_valid else None
-
-
 def record_error(span: Span, exc: BaseException, description: str | None = None) -> None:
     """Mark `span` as failed by `exc`: status ERROR and an exception event.
 
     The event's message and traceback go through the log redaction first; the
     description defaults to the exception type, never its message.
     """
-    if span.is_recording():
-        text = "".join(traceback.format_exception(exc))
-        span.record_exception(
-            exc,
-            attributes={
-                "exception.message": redact_text(str(exc))[:EXCEPTION_TEXT_CHARS],
-                "exception.stacktrace": redact_text(text)[-EXCEPTION_TEXT_CHARS:],
-            },
-        )
+    record_exception(span, exc)
     span.set_status(Status(StatusCode.ERROR, description or type(exc).__name__))
 
 
 @contextmanager
-def run_span(run_id: uuid.UUID, seed: RunTraceSeed | None) -> Iterator[Span]:
-    """Start the root span `pipeline.run` of a new trace and make it current.
+def run_span(
+    run_id: uuid.UUID,
+    seed: RunTraceSeed | None,
+    *,
+    attempt: int = 1,
+    queued_at: datetime | None = None,
+    claimed_at: datetime | None = None,
+    links: list[SpanContext] | None = None,
+) -> Iterator[Span]:
+    """Start the root span `pipeline.run` of one execution of a run and make it current.
 
-    The trace takes `seed.trace_id` when planned, and the span links to
-    `seed.link`. The span is current in a context of its own: nothing of the
-    caller's context (the request's span, its baggage) carries into the run.
+    The span belongs to the run's trace (`seed.trace_id` when planned) and
+    links to the request that queued the run (`seed.link`) and to `links`
+    (e.g. the message that delivered it). With `queued_at`, the span starts
+    when the run entered the queue and its first child, `pipeline.queue.wait`,
+    covers the wait until `claimed_at`. The span is current in a context of its
+    own: nothing of the caller's context (a request or task span, baggage)
+    carries into the run.
     """
-    links = [Link(seed.link)] if seed is not None and seed.link is not None else []
+    span_links = [Link(seed.link)] if seed is not None and seed.link is not None else []
+    span_links += [Link(context) for context in links or () if context.is_valid]
     planned = seed.trace_id if seed is not None else None
+    claimed_ns = _ns(claimed_at) if claimed_at is not None else time.time_ns()
+    # Clocks of the queuing and the executing host may differ: never start after the claim.
+    queued_ns = min(_ns(queued_at), claimed_ns) if queued_at is not None else None
     token = otel_context.attach(new_trace_context(planned))
     try:
         span = tracer.start_span(
             "pipeline.run",
             kind=SpanKind.INTERNAL,
-            links=links,
-            attributes={"pipeline.run_id": str(run_id)},
+            links=span_links,
+            attributes={"pipeline.run_id": str(run_id), "pipeline.attempt": attempt},
+            start_time=queued_ns,
         )
     finally:
         otel_context.detach(token)
-    token = otel_context.attach(trace.set_span_in_context(span, otel_context.Context()))
+    run_context = trace.set_span_in_context(span, otel_context.Context())
+    if queued_ns is not None:
+        wait_seconds = round((claimed_ns - queued_ns) / 1e9, 6)
+        span.set_attribute("pipeline.queue.wait_seconds", wait_seconds)
+        wait = tracer.start_span(
+            "pipeline.queue.wait",
+            context=run_context,
+            start_time=queued_ns,
+            attributes={"pipeline.queue.wait_seconds": wait_seconds},
+        )
+        wait.end(end_time=claimed_ns)
+    token = otel_context.attach(run_context)
     try:
         yield span
     finally:
         otel_context.detach(token)
         span.end()
+
+
+def _ns(moment: datetime) -> int:
+    return int(moment.timestamp() * 1e9)
 
 
 def set_run_outcome(span: Span, status: str, counts: dict[str, int] | None = None) -> None:

@@ -33,8 +33,17 @@ PART_SIZE = 8 * 1024 * 1024
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
+# A create-only write (`IfNoneMatch="*"`) lost to an object already there (412), or to
+# another conditional write of the same key still in flight (409).
+_TAKEN = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+
+
 def _is_missing(exc: ClientError) -> bool:
     return str(exc.response.get("Error", {}).get("Code")) in _MISSING
+
+
+def _is_taken(exc: ClientError) -> bool:
+    return str(exc.response.get("Error", {}).get("Code")) in _TAKEN
 
 
 class S3Storage:
@@ -75,7 +84,10 @@ class S3Storage:
         checked = parse_path(path)
         key = self._key(checked)
         if not overwrite and await self.exists(path):
-            raise StoredFileExists()
+            raise StoredFileExists()  # early, before any byte is sent
+        # The check above can race another upload of the same name: the write itself
+        # is conditional, so of two create-only writes exactly one succeeds.
+        create_only: dict[str, str] = {} if overwrite else {"IfNoneMatch": "*"}
         buffer = bytearray()
         upload_id: str | None = None
         parts: list[dict[str, Any]] = []
@@ -93,7 +105,11 @@ class S3Storage:
             if upload_id is None:
                 # Small file: one PUT. Nothing is visible under `key` before it succeeds.
                 await self._call(
-                    self.client.put_object, Bucket=self.bucket, Key=key, Body=bytes(buffer)
+                    self.client.put_object,
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=bytes(buffer),
+                    **create_only,
                 )
             else:
                 if buffer:
@@ -104,19 +120,28 @@ class S3Storage:
                     Key=key,
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
+                    **create_only,
                 )
+        except ClientError as exc:
+            await self._abort(key, upload_id)
+            if _is_taken(exc):
+                raise StoredFileExists() from None
+            raise
         except BaseException:
-            if upload_id is not None:
-                # An aborted multipart upload never becomes an object.
-                with anyio.CancelScope(shield=True):
-                    await self._call(
-                        self.client.abort_multipart_upload,
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                    )
+            await self._abort(key, upload_id)
             raise
         return await self.stat(path)
+
+    async def _abort(self, key: str, upload_id: str | None) -> None:
+        if upload_id is not None:
+            # An aborted multipart upload never becomes an object.
+            with anyio.CancelScope(shield=True):
+                await self._call(
+                    self.client.abort_multipart_upload,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                )
 
     async def _upload_part(
         self, key: str, upload_id: str, number: int, data: bytearray

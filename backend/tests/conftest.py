@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from fastapi import FastAPI
+from jose import jwt
 from moto.server import ThreadedMotoServer
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
@@ -30,8 +34,17 @@ TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_BROKER_URL = os.environ.get("TEST_CELERY_BROKER_URL", "redis://127.0.0.1:6379/13")
 ADMIN_PASSWORD = "admin-password-for-tests"
-TEST_SECRET = "test-secret-key-that-is-long-enough-0123456789"
+TEST_SECRET = "Tq7mK2vX9pL4wN8rB3zH6jF1sD5gY0cU-eA_tQ8"
+# Files of the apps and servers tests build without naming a folder of their own: one
+# temporary folder per test process (removed at its end), never the repository's ./var.
+TEST_FILES_ROOT = Path(tempfile.mkdtemp(prefix="loan-engine-tests-"))
+TEST_STORAGE_ROOT = str(TEST_FILES_ROOT / "storage")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(TEST_FILES_ROOT, ignore_errors=True)
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -47,6 +60,10 @@ def make_settings(**overrides: Any) -> Settings:
         "RATE_LIMIT_ENABLED": False,
         "DB_POOL_SIZE": 5,
         "DB_MAX_OVERFLOW": 5,
+        # One test process builds hundreds of apps: freezing the collector at each start
+        # would keep their cyclic garbage forever. Server subprocesses keep the default.
+        "RUNTIME_GC_TUNING": False,
+        "STORAGE_LOCAL_ROOT": TEST_STORAGE_ROOT,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
@@ -91,6 +108,18 @@ async def truncate_all(url: str) -> None:
 async def clean_db(migrated_database: str) -> str:
     await truncate_all(migrated_database)
     return migrated_database
+
+
+@pytest.fixture
+def broker() -> Iterator[str]:
+    """The test broker (a Redis database), emptied before and after the test."""
+    client = redis.Redis.from_url(TEST_BROKER_URL)
+    client.flushdb()
+    try:
+        yield TEST_BROKER_URL
+    finally:
+        client.flushdb()
+        client.close()
 
 
 @pytest.fixture
@@ -142,7 +171,8 @@ UserFactory = Callable[..., Awaitable[dict[str, Any]]]
 
 @pytest.fixture
 def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> UserFactory:
-    """Register a user, give it a role, and return its id, headers and password."""
+    """Register a user, give it a role (and `sales_team_id=` a team), and return its
+    id, headers and password."""
     counter = iter(range(1, 10_000))
 
     async def factory(role: str = "viewer", **fields: Any) -> dict[str, Any]:
@@ -153,17 +183,29 @@ def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> UserF
             "/api/auth/register",
             json={"username": username, "email": f"{username}@example.com", "password": password},
         )
-        assert response.status_code == 201, response.text
-        user_id = response.json()["id"]
+        assert response.status_code == 202, response.text
+        token = await login(client, username, password)
+        # The token names the user (`sub`): no extra request, which some tests would count.
+        user_id = int(jwt.get_unverified_claims(token)["sub"])
+        changes = {k: v for k, v in fields.items() if k == "sales_team_id"}
         if role != "viewer":
+            changes["role"] = role
+        if changes:
             patched = await client.patch(
-                f"/api/users/{user_id}", json={"role": role}, headers=admin_headers
+                f"/api/users/{user_id}", json=changes, headers=admin_headers
             )
             assert patched.status_code == 200, patched.text
-        token = await login(client, username, password)
         return {"id": user_id, "username": username, "password": password, "headers": bearer(token)}
 
     return factory
+
+
+async def make_team(client: httpx.AsyncClient, admin_headers: dict[str, str], name: str) -> int:
+    """Create a sales team through the API; its id."""
+    response = await client.post("/api/teams", json={"name": name}, headers=admin_headers)
+    assert response.status_code == 201, response.text
+    team_id: int = response.json()["id"]
+    return team_id
 
 
 @pytest.fixture
@@ -199,3 +241,19 @@ def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     client.create_bucket(Bucket=name)
     client.close()
     return name
+
+
+@pytest.fixture(autouse=True)
+async def no_runner_left_behind() -> AsyncIterator[None]:
+    """The event loop lives for the whole session: a pipeline runner whose app was never
+    shut down would keep sweeping expired leases in later tests. Fail the test that
+    leaves one (and stop it, so later tests do not inherit it)."""
+    yield
+    leaked = [
+        task
+        for task in asyncio.all_tasks()
+        if task.get_name() == "pipeline-recovery" and not task.done()
+    ]
+    for task in leaked:
+        task.cancel()
+    assert not leaked, f"{len(leaked)} pipeline recovery loop(s) still running"

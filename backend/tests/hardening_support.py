@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,13 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from backend.api.main import create_app
 from backend.config import Settings
-from backend.tests.conftest import ADMIN_PASSWORD, TEST_DATABASE_URL, TEST_SECRET, make_settings
+from backend.tests.conftest import (
+    ADMIN_PASSWORD,
+    TEST_DATABASE_URL,
+    TEST_SECRET,
+    TEST_STORAGE_ROOT,
+    make_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -89,6 +95,8 @@ def server_env(**overrides: str) -> dict[str, str]:
         RATE_LIMIT_ENABLED="false",
         LOG_LEVEL="INFO",
         PYTHONUNBUFFERED="1",
+        # Never the repository's ./var (the server runs in the repository root).
+        STORAGE_LOCAL_ROOT=TEST_STORAGE_ROOT,
     )
     env.update(overrides)
     return env
@@ -146,3 +154,29 @@ def real_server(
         process.wait(timeout=10)
         if process.stdout:
             process.stdout.close()
+
+
+def http_scope(
+    path: str,
+    *,
+    query: bytes = b"",
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    host: str = "testserver",
+    client: tuple[str, int] = ("203.0.113.10", 1),
+) -> dict[str, Any]:
+    """A plain ASGI HTTP GET scope, for calling an app directly: messages an HTTP client
+    would refuse to send, or a request with no HTTP in between."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": [(b"host", host.encode()), *headers],
+        "client": client,
+        "server": (host, 80),
+    }

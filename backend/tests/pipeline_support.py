@@ -1,10 +1,13 @@
-"""What the pipeline tests share: the hand-made tape and uploading a tape over HTTP."""
+"""What the pipeline tests share: the hand-made tape, uploading a tape over HTTP, and
+driving one phase over one batch."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import httpx
+
+from backend.pipeline.phases.base import Batch, Phase, RunContext
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KNOWN_TAPE = (FIXTURES / "known_tape.csv").read_bytes()
@@ -21,3 +24,10 @@ async def upload_tape(
     assert response.status_code == 201, response.text
     path: str = response.json()["path"]
     return path
+
+
+async def through(phase: Phase, batch: Batch, ctx: RunContext) -> None:
+    """`batch` through `phase` in the engine's order (transform, then process), both
+    here in the test's thread."""
+    phase.transform(batch, ctx)
+    await phase.process(batch, ctx)

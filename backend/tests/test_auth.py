@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 from jose import jwt
 
+from backend.api.main import create_app
 from backend.auth.security import create_access_token
 from backend.config import Settings
-from backend.tests.conftest import ADMIN_PASSWORD, TEST_SECRET, UserFactory, bearer, login
+from backend.tests.conftest import (
+    ADMIN_PASSWORD,
+    TEST_SECRET,
+    UserFactory,
+    bearer,
+    login,
+    make_settings,
+)
 
 
 def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, object]:
@@ -26,13 +35,9 @@ async def test_register_login_me(client: httpx.AsyncClient) -> None:
         "/api/auth/register",
         json={"username": "jane.doe", "email": "Jane@Example.com", "password": "correct horse 42"},
     )
-    assert response.status_code == 201
-    body = response.json()
-    assert body["username"] == "jane.doe"
-    assert body["email"] == "jane@example.com"
-    assert body["role"] == "viewer"
-    assert body["is_active"] is True
-    assert "hashed_password" not in body and "password" not in body
+    assert response.status_code == 202
+    assert response.json()["status"] == "accepted"
+    assert "password" not in response.text
 
     login_response = await client.post(
         "/api/auth/login", data={"username": "jane.doe", "password": "correct horse 42"}
@@ -42,13 +47,19 @@ async def test_register_login_me(client: httpx.AsyncClient) -> None:
     assert token_body["token_type"] == "bearer"
     assert token_body["expires_in"] == 30 * 60
     claims = jwt.get_unverified_claims(token_body["access_token"])
-    assert claims["sub"] == str(body["id"])
     assert claims["role"] == "viewer"
     assert claims["exp"] - claims["iat"] == 30 * 60
 
     me = await client.get("/api/auth/me", headers=bearer(token_body["access_token"]))
     assert me.status_code == 200
-    assert me.json()["username"] == "jane.doe"
+    body = me.json()
+    assert claims["sub"] == str(body["id"])
+    assert body["username"] == "jane.doe"
+    assert body["email"] == "jane@example.com"
+    assert body["role"] == "viewer"
+    assert body["is_active"] is True
+    assert body["sales_team_id"] is None
+    assert "hashed_password" not in body and "password" not in body
 
 
 @pytest.mark.parametrize(
@@ -82,13 +93,62 @@ async def test_register_malformed_json_is_422(client: httpx.AsyncClient) -> None
     assert_envelope(response, 422, "validation_error")
 
 
-async def test_register_duplicate_username_and_email(client: httpx.AsyncClient) -> None:
+async def test_register_taken_name_or_email_looks_like_a_new_account(
+    client: httpx.AsyncClient,
+) -> None:
     first = {"username": "dup", "email": "dup@example.com", "password": "password-long-1"}
-    assert (await client.post("/api/auth/register", json=first)).status_code == 201
-    same_name = {**first, "email": "other@example.com"}
-    assert_envelope(await client.post("/api/auth/register", json=same_name), 409, "conflict")
+    created = await client.post("/api/auth/register", json=first)
+    same_name = {**first, "email": "other@example.com", "password": "password-long-2"}
     same_email = {**first, "username": "other", "email": "DUP@example.com"}
-    assert_envelope(await client.post("/api/auth/register", json=same_email), 409, "conflict")
+    taken = [await client.post("/api/auth/register", json=b) for b in (same_name, same_email)]
+    # Same status and body, new or taken: registration never says which names exist.
+    for response in (created, *taken):
+        assert response.status_code == 202
+        assert response.json() == created.json()
+    # Nothing changed for the first account, and no second one exists.
+    ok = await client.post(
+        "/api/auth/login", data={"username": "dup", "password": "password-long-1"}
+    )
+    assert ok.status_code == 200
+    overwritten = await client.post(
+        "/api/auth/login", data={"username": "dup", "password": "password-long-2"}
+    )
+    assert overwritten.status_code == 401
+    other = await client.post(
+        "/api/auth/login", data={"username": "other", "password": "password-long-1"}
+    )
+    assert other.status_code == 401
+
+
+async def test_registration_closed_is_403(clean_db: str, tmp_path: Path) -> None:
+    settings = make_settings(
+        DATABASE_URL=clean_db, STORAGE_LOCAL_ROOT=str(tmp_path), ALLOW_REGISTRATION=False
+    )
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            body = {"username": "newbie", "email": "newbie@example.com", "password": "x" * 12}
+            response = await c.post("/api/auth/register", json=body)
+            assert_envelope(response, 403, "registration_closed")
+            login = await c.post(
+                "/api/auth/login", data={"username": "newbie", "password": "x" * 12}
+            )
+            assert login.status_code == 401
+
+
+def test_registration_default_follows_the_environment() -> None:
+    assert make_settings().ALLOW_REGISTRATION is True
+    assert make_settings(ENVIRONMENT="development").ALLOW_REGISTRATION is True
+    production = {
+        "ENVIRONMENT": "production",
+        "SECRET_KEY": "q9Lx2vT7bN4mR8cW1zK6pH3sD5fJ0gYa",
+        "DATABASE_URL": "postgresql+asyncpg://app@db.internal/loans",
+        "ADMIN_PASSWORD": "a-real-admin-password-0451",
+        "TRUSTED_HOSTS": "api.example.com",
+    }
+    assert make_settings(**production).ALLOW_REGISTRATION is False
+    assert make_settings(**production, ALLOW_REGISTRATION=True).ALLOW_REGISTRATION is True
 
 
 async def test_login_failures_are_indistinguishable(

@@ -31,6 +31,8 @@ def test_migrate_then_seed_admin_once(tmp_path: Path) -> None:
         "ADMIN_USERNAME": "root-admin",
         "ADMIN_PASSWORD": "",
         "BCRYPT_ROUNDS": "4",
+        # The development signing key is generated once: under the test's folder.
+        "SECRET_KEY_FILE": str(tmp_path / "secret_key"),
     }
     assert cli("migrate", env=env).returncode == 0
 

@@ -15,7 +15,14 @@ import pytest
 from backend.api.main import create_app
 from backend.config import Settings
 from backend.storage.local import PARTIAL_DIR
-from backend.tests.conftest import ADMIN_PASSWORD, UserFactory, bearer, login, make_settings
+from backend.tests.conftest import (
+    ADMIN_PASSWORD,
+    UserFactory,
+    bearer,
+    login,
+    make_settings,
+    make_team,
+)
 
 CSV = b"loan_id,amount\nL1,100\nL2,200\n"
 
@@ -49,13 +56,15 @@ async def test_upload_returns_path_size_and_sha256(
 ) -> None:
     response = await upload(client, analyst, "tape 2026.csv", CSV)
     assert response.status_code == 201, response.text
+    me = (await client.get("/api/auth/me", headers=analyst)).json()
+    # An analyst without a team uploads into their own scope (backend/scoping.py).
     assert response.json() == {
-        "path": "inputs/tape_2026.csv",
+        "path": f"inputs/user-{me['id']}/tape_2026.csv",
         "name": "tape_2026.csv",
         "size": len(CSV),
         "sha256": hashlib.sha256(CSV).hexdigest(),
     }
-    stored = Path(settings.STORAGE_LOCAL_ROOT) / "inputs" / "tape_2026.csv"
+    stored = Path(settings.STORAGE_LOCAL_ROOT) / "inputs" / f"user-{me['id']}" / "tape_2026.csv"
     assert stored.read_bytes() == CSV
 
 
@@ -132,19 +141,22 @@ async def test_oversized_upload_leaves_nothing(tmp_path: Path, clean_db: str) ->
 
 
 async def test_list_filter_and_paginate(
-    client: httpx.AsyncClient, analyst: dict[str, str], make_user: UserFactory
+    client: httpx.AsyncClient, admin_headers: dict[str, str], make_user: UserFactory
 ) -> None:
+    team = await make_team(client, admin_headers, "North")
+    analyst = (await make_user("analyst", sales_team_id=team))["headers"]
     for name in ["jan.csv", "feb.csv", "mar.csv"]:
         assert (await upload(client, analyst, name, CSV)).status_code == 201
-    viewer = (await make_user("viewer"))["headers"]
+    viewer = (await make_user("viewer", sales_team_id=team))["headers"]
     listing = await client.get("/api/files", params={"limit": 2}, headers=viewer)
     assert listing.status_code == 200
     body = listing.json()
     assert (body["total"], body["limit"], body["offset"]) == (3, 2, 0)
     assert [item["name"] for item in body["items"]] == ["feb.csv", "jan.csv"]
-    assert body["items"][0]["path"] == "inputs/feb.csv"
+    assert body["items"][0]["path"] == f"inputs/team-{team}/feb.csv"
     assert body["items"][0]["size"] == len(CSV)
-    only = await client.get("/api/files", params={"prefix": "ma"}, headers=viewer)
+    # The prefix applies to the key, scope segment included.
+    only = await client.get("/api/files", params={"prefix": f"team-{team}/ma"}, headers=viewer)
     assert [i["name"] for i in only.json()["items"]] == ["mar.csv"]
     outputs = await client.get("/api/files", params={"area": "outputs"}, headers=viewer)
     assert outputs.json()["total"] == 0
@@ -155,13 +167,16 @@ async def test_list_filter_and_paginate(
 
 
 async def test_download_streams_the_file(
-    client: httpx.AsyncClient, analyst: dict[str, str], make_user: UserFactory
+    client: httpx.AsyncClient, admin_headers: dict[str, str], make_user: UserFactory
 ) -> None:
+    team = await make_team(client, admin_headers, "North")
+    analyst = (await make_user("analyst", sales_team_id=team))["headers"]
     content = b"loan_id,amount\n" + b"".join(b"L%07d,1000\n" % i for i in range(200_000))
-    assert (await upload(client, analyst, "large.csv", content)).status_code == 201
-    viewer = (await make_user("viewer"))["headers"]
+    uploaded = await upload(client, analyst, "large.csv", content)
+    assert uploaded.status_code == 201
+    viewer = (await make_user("viewer", sales_team_id=team))["headers"]
     async with client.stream(
-        "GET", "/api/files/download", params={"path": "inputs/large.csv"}, headers=viewer
+        "GET", "/api/files/download", params={"path": uploaded.json()["path"]}, headers=viewer
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/csv")
@@ -194,14 +209,12 @@ async def test_download_and_delete_bad_paths(
 async def test_delete_is_admin_only(
     client: httpx.AsyncClient, analyst: dict[str, str], admin_headers: dict[str, str]
 ) -> None:
-    assert (await upload(client, analyst, "a.csv", CSV)).status_code == 201
-    denied = await client.delete("/api/files", params={"path": "inputs/a.csv"}, headers=analyst)
+    path = (await upload(client, analyst, "a.csv", CSV)).json()["path"]
+    denied = await client.delete("/api/files", params={"path": path}, headers=analyst)
     assert denied.status_code == 403
-    ok = await client.delete("/api/files", params={"path": "inputs/a.csv"}, headers=admin_headers)
+    ok = await client.delete("/api/files", params={"path": path}, headers=admin_headers)
     assert ok.status_code == 204
-    gone = await client.get(
-        "/api/files/download", params={"path": "inputs/a.csv"}, headers=admin_headers
-    )
+    gone = await client.get("/api/files/download", params={"path": path}, headers=admin_headers)
     assert gone.status_code == 404
 
 
@@ -217,17 +230,15 @@ async def test_files_api_on_s3(clean_db: str, s3_bucket: str, moto_endpoint: str
         headers = bearer(await login(client, "admin", ADMIN_PASSWORD))
         created = await upload(client, headers, "s3 tape.csv", CSV)
         assert created.status_code == 201, created.text
-        assert created.json()["path"] == "inputs/s3_tape.csv"
+        # The seeded admin (id 1) has no team: their own scope.
+        path = "inputs/user-1/s3_tape.csv"
+        assert created.json()["path"] == path
         assert (await upload(client, headers, "s3 tape.csv", CSV)).status_code == 409
         listing = await client.get("/api/files", headers=headers)
-        assert [i["path"] for i in listing.json()["items"]] == ["inputs/s3_tape.csv"]
-        download = await client.get(
-            "/api/files/download", params={"path": "inputs/s3_tape.csv"}, headers=headers
-        )
+        assert [i["path"] for i in listing.json()["items"]] == [path]
+        download = await client.get("/api/files/download", params={"path": path}, headers=headers)
         assert download.content == CSV
-        deleted = await client.delete(
-            "/api/files", params={"path": "inputs/s3_tape.csv"}, headers=headers
-        )
+        deleted = await client.delete("/api/files", params={"path": path}, headers=headers)
         assert deleted.status_code == 204
         assert (await client.get("/api/files", headers=headers)).json()["total"] == 0
 
@@ -276,7 +287,8 @@ async def test_streamed_upload_in_small_pieces(
     response = await raw_upload(client, analyst, body)
     assert response.status_code == 201, response.text
     assert response.json()["sha256"] == hashlib.sha256(content).hexdigest()
-    assert (Path(settings.STORAGE_LOCAL_ROOT) / "inputs" / "pieces.csv").read_bytes() == content
+    stored = Path(settings.STORAGE_LOCAL_ROOT) / response.json()["path"]
+    assert stored.read_bytes() == content
 
 
 async def test_oversized_upload_stops_reading_the_body(tmp_path: Path, clean_db: str) -> None:

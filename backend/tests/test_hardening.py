@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import structlog
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -25,6 +24,7 @@ from backend.config import Settings, config_summary
 from backend.tests.conftest import (
     ADMIN_PASSWORD,
     TEST_DATABASE_URL,
+    TEST_SECRET,
     bearer,
     login,
     make_settings,
@@ -36,10 +36,12 @@ from backend.tests.hardening_support import (
     client_for,
     closed_port,
     free_port,
+    http_scope,
     real_server,
     running_app,
     server_env,
 )
+from backend.tests.obs_helpers import json_lines
 from backend.tests.test_middleware import assert_envelope, assert_no_internals
 
 pytestmark = pytest.mark.usefixtures("clean_db")
@@ -134,12 +136,24 @@ class TestDatabasePooling:
             assert "Connect call failed" not in response.text
         assert live.status_code == 200
 
-    async def test_integrity_error_is_409(self, client: httpx.AsyncClient) -> None:
+    async def test_duplicate_registration_reveals_nothing(self, client: httpx.AsyncClient) -> None:
         body = {"username": "dupe", "email": "dupe@example.com", "password": "p" * 12}
-        assert (await client.post("/api/auth/register", json=body)).status_code == 201
+        first = await client.post("/api/auth/register", json=body)
         again = await client.post("/api/auth/register", json=body)
-        assert_envelope(again, 409, "conflict")
+        assert (first.status_code, again.status_code) == (202, 202)
+        assert again.json() == first.json()
         assert_no_internals(again)
+
+    async def test_taken_team_name_is_409(
+        self, client: httpx.AsyncClient, admin_headers: dict[str, str]
+    ) -> None:
+        for expected in (201, 409):
+            response = await client.post(
+                "/api/teams", json={"name": "Dupes"}, headers=admin_headers
+            )
+            assert response.status_code == expected
+        assert_envelope(response, 409, "team_name_taken")
+        assert_no_internals(response)
 
 
 # ---------------------------------------------------------------- health checks
@@ -314,23 +328,11 @@ class TestGracefulBehavior:
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 finished.set()
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": "/api/files/download",
-            "raw_path": b"/api/files/download",
-            "query_string": b"path=inputs/big-tape.csv",
-            "root_path": "",
-            "headers": [
-                (b"host", b"testserver"),
-                (b"authorization", admin_headers["Authorization"].encode()),
-            ],
-            "client": ("203.0.113.10", 1),
-            "server": ("testserver", 80),
-        }
+        scope = http_scope(
+            "/api/files/download",
+            query=b"path=inputs/big-tape.csv",
+            headers=[(b"authorization", admin_headers["Authorization"].encode())],
+        )
         await asyncio.wait_for(app(scope, receive, send), timeout=60)  # type: ignore[arg-type]
 
         start, *bodies = messages
@@ -390,13 +392,19 @@ class TestGracefulBehavior:
         calls: list[float] = []
 
         class Runner:
+            """Records the drain time it is given, then stops the real runner at once."""
+
+            def __init__(self, real: Any) -> None:
+                self.real = real
+
             async def shutdown(self, drain_seconds: float) -> None:
                 # The database is still there while runs drain.
                 calls.append(drain_seconds)
+                await self.real.shutdown(drain_seconds=0)
 
         settings = make_settings(PIPELINE_DRAIN_SECONDS=12)
         async with running_app(settings) as app:
-            app.state.runner = Runner()  # stands in for the real runner
+            app.state.runner = Runner(app.state.runner)  # stands in for the real runner
         assert calls == [12.0]
         assert app.state.draining is True
 
@@ -542,7 +550,7 @@ class TestStartupChecks:
     def test_production_refuses_to_start(self, env: dict[str, str], fragment: str) -> None:
         values = {
             "ENVIRONMENT": "production",
-            "SECRET_KEY": "s" * 40,
+            "SECRET_KEY": TEST_SECRET,
             "DATABASE_URL": "postgresql+asyncpg://u:db-password-xyz@127.0.0.1:1/app",
             **env,
         }
@@ -559,21 +567,29 @@ class TestStartupChecks:
         assert "refusing to start in production" in output
         assert fragment in output
         assert "Traceback" not in output
-        assert "s" * 40 not in output and "db-password-xyz" not in output
+        assert TEST_SECRET not in output and "db-password-xyz" not in output
 
-    async def test_config_summary_logged_once_and_redacted(self) -> None:
-        settings = make_settings(RATE_LIMIT_STORAGE_URL="redis://:redis-pass-123@cache:6379/0")
-        with structlog.testing.capture_logs() as logs:
-            async with running_app(settings):
-                pass
-        summaries = [line for line in logs if line["event"] == "config.summary"]
+    async def test_config_summary_logged_once_and_redacted(
+        self, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    ) -> None:
+        settings = make_settings(
+            RATE_LIMIT_STORAGE_URL="redis://:redis-pass-123@cache:6379/0",
+            STORAGE_LOCAL_ROOT=str(tmp_path / "storage"),
+        )
+        capsys.readouterr()
+        async with running_app(settings):
+            pass
+        # The line as written to stdout, after every processor (redaction included).
+        output = capsys.readouterr().out
+        summaries = [line for line in json_lines(output) if line["event"] == "config.summary"]
         assert len(summaries) == 1
         summary = summaries[0]
-        assert summary["SECRET_KEY"] == "***" and summary["ADMIN_PASSWORD"] == "***"
-        assert summary["RATE_LIMIT_STORAGE_URL"] == "redis://:***@cache:6379/0"
+        assert summary["SECRET_KEY"] == "[REDACTED]" and summary["ADMIN_PASSWORD"] == "[REDACTED]"
+        assert summary["RATE_LIMIT_STORAGE_URL"] == "redis://:[REDACTED]@cache:6379/0"
         assert summary["DB_POOL_SIZE"] == settings.DB_POOL_SIZE
-        flat = repr(summary)
-        assert settings.secret_key not in flat and ADMIN_PASSWORD not in flat
+        assert summary["ACCESS_TOKEN_EXPIRE_MINUTES"] == settings.ACCESS_TOKEN_EXPIRE_MINUTES
+        for secret in (settings.secret_key, ADMIN_PASSWORD, "redis-pass-123"):
+            assert secret not in output
 
     def test_bad_rate_limit_setting_refused(self) -> None:
         with pytest.raises(ValueError, match="10/minute"):
@@ -583,11 +599,11 @@ class TestStartupChecks:
         settings = Settings(
             _env_file=None,
             ENVIRONMENT="test",
-            SECRET_KEY="k" * 40,
+            SECRET_KEY=TEST_SECRET,
             DATABASE_URL="postgresql://app:hunter2-secret@db:5432/loans",
         )
         summary = config_summary(settings)
-        assert summary["DATABASE_URL"] == "postgresql+asyncpg://app:***@db:5432/loans"
+        assert summary["DATABASE_URL"] == "postgresql+asyncpg://app:[REDACTED]@db:5432/loans"
         assert "hunter2" not in repr(summary)
 
 
@@ -602,6 +618,7 @@ class TestDeployArtefacts:
             "--proxy-headers",
             "--forwarded-allow-ips",
             "--timeout-graceful-shutdown",
+            "--timeout-keep-alive",
             "--no-server-header",
         ):
             assert flag in script
@@ -609,29 +626,12 @@ class TestDeployArtefacts:
     def test_dockerfile_is_multi_stage_non_root_with_healthcheck(self) -> None:
         dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
         assert dockerfile.count("FROM ") >= 2
-        assert "\nUSER app\n" in dockerfile
+        assert "\nUSER 10001:10001\n" in dockerfile  # the app user, numerically
         assert "HEALTHCHECK" in dockerfile and "/health/live" in dockerfile
         assert 'ENTRYPOINT ["/app/deploy/entrypoint.sh"]' in dockerfile
         assert (ROOT / ".dockerignore").read_text().count(".env") >= 1
 
-    def test_task_definition_stop_timeout_covers_the_drain(self) -> None:
-        import json
-
-        task = json.loads((ROOT / "deploy" / "aws" / "task-definition.json").read_text())
-        (container,) = task["containerDefinitions"]
-        env = {item["name"]: item["value"] for item in container["environment"]}
-        budget = (
-            float(env["SHUTDOWN_DRAIN_DELAY_SECONDS"])
-            + float(env["SHUTDOWN_GRACE_SECONDS"])
-            + float(env["PIPELINE_DRAIN_SECONDS"])
-        )
-        assert container["stopTimeout"] >= budget + 5
-        assert container["stopTimeout"] <= 120  # the ECS maximum
-        assert "/health/live" in " ".join(container["healthCheck"]["command"])
-        assert container["logConfiguration"]["logDriver"] == "awslogs"
-        # Secrets come from Secrets Manager, never from plain environment values.
-        assert {"SECRET_KEY", "DATABASE_URL"} <= {s["name"] for s in container["secrets"]}
-        assert not {"SECRET_KEY", "DATABASE_URL", "ADMIN_PASSWORD"} & set(env)
+    # The ECS task definitions and their timing budget: test_deploy.py.
 
 
 # ---------------------------------------------------------------- admin CLI

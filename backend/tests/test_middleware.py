@@ -1,4 +1,5 @@
-"""Middleware: security headers, trusted hosts, request limits, rate limiting, error envelope.
+"""Middleware: security headers, trusted hosts, request limits, rate limiting, error envelope,
+`Connection: close` while draining.
 
 Everything is asserted over HTTP, on an app built with the settings under test,
 against the real PostgreSQL and (for the shared limit) the real Redis.
@@ -9,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 import structlog
 from fastapi import FastAPI
+from limits.aio.storage import MemoryStorage
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
@@ -28,6 +31,7 @@ from backend.tests.hardening_support import (
     app_client,
     client_for,
     closed_port,
+    http_scope,
     real_server,
     unique_prefix,
 )
@@ -132,16 +136,53 @@ class TestSecurityHeaders:
         assert "x-frame-options" not in response.headers
 
 
+class TestDraining:
+    async def test_every_response_closes_its_connection_while_draining(
+        self, app: FastAPI, client: httpx.AsyncClient, admin_headers: dict[str, str]
+    ) -> None:
+        before = await client.get("/api/auth/me", headers=admin_headers)
+        assert before.status_code == 200 and "connection" not in before.headers
+
+        app.state.draining = True
+        responses = [
+            await client.get("/api/auth/me", headers=admin_headers),
+            await client.get("/health/live"),
+            await client.get("/health/ready"),
+            await client.get("/api/auth/me"),
+            await client.get("/no/such/route"),
+        ]
+        assert [r.status_code for r in responses] == [200, 200, 503, 401, 404]
+        for response in responses:
+            assert response.headers.get_list("connection") == ["close"], response.headers
+            # Still a complete response of its own.
+            assert "x-request-id" in response.headers
+
+
 class TestTrustedHosts:
     async def test_unknown_host_gets_envelope(self) -> None:
         async with app_client(TRUSTED_HOSTS="api.example.com,*.internal") as (_, client):
-            ok = await client.get("/health", headers={"Host": "api.example.com"})
-            sub = await client.get("/health", headers={"Host": "svc.internal:8000"})
-            bad = await client.get("/health", headers={"Host": "evil.example.net"})
-        assert ok.status_code == 200
-        assert sub.status_code == 200
+            ok = await client.get("/api/auth/me", headers={"Host": "api.example.com"})
+            sub = await client.get("/api/auth/me", headers={"Host": "svc.internal:8000"})
+            bad = await client.get("/api/auth/me", headers={"Host": "evil.example.net"})
+        assert ok.status_code == 401  # past the host check: the route's own answer
+        assert sub.status_code == 401
         assert_envelope(bad, 400, "bad_request")
         assert bad.headers["x-frame-options"] == "DENY"
+
+    def test_probes_answer_any_host_on_a_real_server(self, clean_db: str) -> None:
+        """The ALB checks targets with their IP as Host, ECS containers with localhost."""
+        with real_server(None, TRUSTED_HOSTS="api.example.com") as (url, _):
+            with httpx.Client(base_url=url, timeout=10) as http:
+                for host in ("10.0.1.23:8000", "localhost"):
+                    for path in ("/health", "/health/live", "/health/ready"):
+                        response = http.get(path, headers={"Host": host})
+                        assert response.status_code == 200, (host, path, response.text)
+                    for path in ("/api/auth/me", "/api/health", "/docs", "/health/"):
+                        refused = http.get(path, headers={"Host": host})
+                        assert_envelope(refused, 400, "bad_request")
+                assert (
+                    http.get("/api/auth/me", headers={"Host": "api.example.com"}).status_code == 401
+                )
 
 
 class TestCors:
@@ -162,6 +203,44 @@ class TestCors:
         exposed = limited.headers["access-control-expose-headers"].lower()
         assert "retry-after" in exposed and "x-ratelimit-remaining" in exposed
         assert "access-control-allow-origin" not in other.headers
+
+    async def test_refused_preflight_is_an_envelope_with_security_headers(self) -> None:
+        async with app_client(CORS_ORIGINS="https://app.example.com") as (_, client):
+
+            async def preflight(origin: str, method: str, headers: str) -> httpx.Response:
+                return await client.options(
+                    "/api/auth/login",
+                    headers={
+                        "Origin": origin,
+                        "Access-Control-Request-Method": method,
+                        "Access-Control-Request-Headers": headers,
+                    },
+                )
+
+            allowed = await preflight("https://app.example.com", "POST", "Content-Type")
+            bad_origin = await preflight("https://evil.example", "POST", "Content-Type")
+            bad_method = await preflight("https://app.example.com", "PUT", "Content-Type")
+            bad_header = await preflight("https://app.example.com", "POST", "X-Evil")
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert allowed.headers["x-content-type-options"] == "nosniff"
+        for response, refused in (
+            (bad_origin, ["origin"]),
+            (bad_method, ["method"]),
+            (bad_header, ["headers"]),
+        ):
+            error = assert_envelope(response, 400, "cors_refused")
+            assert error["details"] == {"refused": refused}
+            assert error["request_id"] == response.headers["x-request-id"]
+            assert "Disallowed CORS" not in response.text
+            assert response.headers["content-type"] == "application/json"
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["x-frame-options"] == "DENY"
+            assert (
+                response.headers["content-security-policy"]
+                == "default-src 'none'; frame-ancestors 'none'"
+            )
+            assert "access-control-allow-origin" not in response.headers
 
 
 # ---------------------------------------------------------------- request limits
@@ -198,6 +277,36 @@ class TestRequestLimits:
         # Refused as soon as the limit was passed, not after the whole body arrived.
         assert sent <= 1024 * 1024 + 2 * 64 * 1024
         assert_no_internals(response)
+
+    def test_chunked_oversize_body_logs_one_error_on_a_real_server(self) -> None:
+        """The 413 is the only error line for the request: no 400 from the app after it."""
+
+        def chunks() -> Iterator[bytes]:
+            for _ in range(48):  # 3 MB against a 1 MB limit, no Content-Length
+                yield b"x" * 65536
+
+        request_id = f"chunked-{uuid.uuid4().hex}"
+        with real_server(None, MAX_REQUEST_SIZE_MB="1") as (url, process):
+            with httpx.Client(base_url=url, timeout=10) as http:
+                response = http.post(
+                    "/api/auth/register",
+                    content=chunks(),
+                    headers={"Content-Type": "application/json", "X-Request-ID": request_id},
+                )
+            # A graceful stop finishes the request's logging before the process exits.
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+            output = process.stdout.read().decode() if process.stdout else ""
+        assert_envelope(response, 413, "payload_too_large")
+        lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        mine = [line for line in lines if line.get("request_id") == request_id]
+        errors = [line for line in mine if line["event"] == "http.error"]
+        assert [(e["status_code"], e["code"]) for e in errors] == [(413, "payload_too_large")], mine
+        # The access line is the only warning (a 4xx); nothing at error level.
+        loud = [line for line in mine if line["level"] in ("warning", "error", "critical")]
+        assert [(line["event"], line["status_code"]) for line in loud] == [
+            ("http.request.completed", 413)
+        ], mine
 
     async def test_body_under_limit_passes(self) -> None:
         async with app_client(MAX_REQUEST_SIZE_MB=1) as (_, client):
@@ -377,15 +486,15 @@ class TestRateLimiting:
             with structlog.testing.capture_logs() as logs:
                 statuses = [(await c.get("/api/auth/me")).status_code for _ in range(6)]
         assert statuses == [401] * 6  # served, unlimited
-        warnings = [line for line in logs if line["event"] == "ratelimit.storage.unavailable"]
-        assert len(warnings) == 1
+        # Five failures open the breaker: one warning; the sixth is not even tried.
+        warnings = [line for line in logs if line["event"] == "circuit.opened"]
+        assert [w["dependency"] for w in warnings] == ["rate_limit_storage"]
         assert app.state.rate_limiter.storage_errors == 6
+        assert app.state.rate_limiter.breaker.refused_total == 1
 
-    async def test_redis_outage_and_recovery(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Through a TCP relay to the real Redis that the test cuts and restores."""
-        from backend.middleware import rate_limiter
-
-        monkeypatch.setattr(rate_limiter, "STORAGE_RETRY_SECONDS", 0.0)
+    async def test_redis_outage_and_recovery(self) -> None:
+        """Through a TCP relay to the real Redis that the test cuts and restores; the
+        breaker opens on the first failure and lets a probe through after 1 ms."""
         redis_url = httpx.URL(TEST_REDIS_URL)
         relay = RedisRelay(redis_url.host, redis_url.port or 6379)
         port = await relay.start()
@@ -396,6 +505,8 @@ class TestRateLimiting:
                 RATE_LIMIT_API="50/minute",
                 RATE_LIMIT_STORAGE_URL=url,
                 RATE_LIMIT_KEY_PREFIX=unique_prefix(),
+                CIRCUIT_FAILURE_THRESHOLD=1,
+                CIRCUIT_RECOVERY_SECONDS=0.001,
             ) as (_, c):
                 with structlog.testing.capture_logs() as logs:
                     before = await c.get("/api/auth/me")
@@ -410,8 +521,9 @@ class TestRateLimiting:
         assert all("x-ratelimit-limit" not in r.headers for r in during)
         # Counting resumes where it stopped: the outage requests were not counted.
         assert after.headers["x-ratelimit-remaining"] == "48"
-        events = [line["event"] for line in logs if line["event"].startswith("ratelimit.")]
-        assert events == ["ratelimit.storage.unavailable", "ratelimit.storage.recovered"]
+        events = [line["event"] for line in logs if line["event"].startswith("circuit.")]
+        assert events[0] == "circuit.opened" and events.count("circuit.opened") == 1, events
+        assert events[-1] == "circuit.closed" and events.count("circuit.closed") == 1, events
 
     async def test_redis_down_fail_closed_is_503(self) -> None:
         down = f"redis://127.0.0.1:{closed_port()}/0"
@@ -432,8 +544,11 @@ class TestRateLimiting:
                 for n in range(12):
                     async with client_for(app, f"198.51.100.{n + 1}") as c:
                         assert (await c.get("/api/auth/me")).status_code == 401
-                    counters = app.state.rate_limiter.storage.storage
-                    assert len(counters) <= 4 + 1
+                    # The store's real tables: counters, their deadlines, their locks.
+                    store = app.state.rate_limiter.storage
+                    assert isinstance(store, MemoryStorage)
+                    sizes = [len(store.storage), len(store.expirations), len(store.locks)]
+                    assert max(sizes) <= 4 + 1, sizes
         assert any(line["event"] == "ratelimit.memory.reset" for line in logs)
 
     async def test_pipeline_rule_is_per_user(self) -> None:
@@ -588,21 +703,7 @@ class TestErrorHandler:
             messages.append(message)
 
         bad = b"abc\r\nSet-Cookie: evil=1"
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": "/api/auth/me",
-            "raw_path": b"/api/auth/me",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", b"testserver"), (b"x-request-id", bad)],
-            "client": ("203.0.113.10", 1),
-            "server": ("testserver", 80),
-            "app": app,
-        }
+        scope = {**http_scope("/api/auth/me", headers=[(b"x-request-id", bad)]), "app": app}
         await app(scope, receive, send)  # type: ignore[arg-type]
         start = messages[0]
         assert start["status"] == 401

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,21 +21,21 @@ import structlog
 import yaml
 from fastapi import FastAPI
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import StatusCode, format_span_id, format_trace_id
 from sqlalchemy import text
 
 from backend.api.main import create_app
 from backend.config import Settings
-from backend.observability import tracing
+from backend.observability import instrumentation, span_export, trace_ids
 from backend.observability.logging_config import configure_logging
 from backend.observability.metrics import (
-    LATENCY_SAMPLES,
-    MAX_ROUTE_KEYS,
-    OTHER_ROUTE,
-    MetricsCollector,
-    percentile,
+    HTTP_DURATION,
+    AdminMetrics,
+    percentile_from_buckets,
 )
 from backend.tests.conftest import (
     ADMIN_PASSWORD,
@@ -104,12 +105,12 @@ async def app(settings: Settings, exporter: InMemorySpanExporter) -> AsyncIterat
 
 def hex_trace(span: ReadableSpan) -> str:
     assert span.context is not None
-    return format(span.context.trace_id, "032x")
+    return format_trace_id(span.context.trace_id)
 
 
 def hex_span(span: ReadableSpan) -> str:
     assert span.context is not None
-    return format(span.context.span_id, "016x")
+    return format_span_id(span.context.span_id)
 
 
 def server_span(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
@@ -178,7 +179,8 @@ class TestRequestTrace:
     async def test_engine_is_instrumented_once(
         self, app: FastAPI, exporter: InMemorySpanExporter
     ) -> None:
-        tracing.instrument_engine(app.state.db.engine)  # a second call must not double spans
+        # A second call must not double spans.
+        instrumentation.instrument_engine(app.state.db.engine)
         exporter.clear()
         async with app.state.db.session() as session:
             assert (await session.execute(text("SELECT 4242"))).scalar() == 4242
@@ -236,12 +238,17 @@ class TestRequestTrace:
         for line in lines:
             request_id = line["request_id"]
             assert request_id in expected, line
-            assert line.get("user") == expected[request_id], line
+            if line["event"] == "http.request.completed":
+                assert line.get("user") == expected[request_id], line
+            else:
+                # A line written before the token is verified (a slow query of the user
+                # lookup on a loaded machine) has no user yet, but never someone else's.
+                assert line.get("user") in (expected[request_id], None), line
             # One trace per request, the same on every line of that request.
             assert trace_of.setdefault(request_id, line["trace_id"]) == line["trace_id"]
         assert len(set(trace_of.values())) == len(expected)
         spans = {
-            format(s.context.trace_id, "032x")
+            format_trace_id(s.context.trace_id)
             for s in exporter.get_finished_spans()
             if s.name == "GET /api/auth/me"
         }
@@ -441,6 +448,33 @@ class TestOtlpExport:
         assert resources[0]["deployment.environment"] == "test"
         assert resources[0]["service.instance.id"]
 
+    async def test_only_the_signal_specific_traces_endpoint_is_enough(
+        self, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is the full URL (the spec's rule), used as
+        given, with no base endpoint set at all."""
+        with OtlpReceiver() as receiver:
+            monkeypatch.setenv(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{receiver.endpoint}/v1/traces"
+            )
+            otlp = settings.model_copy(
+                update={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+            )
+            async with running(otlp) as (_, client):
+                assert (await client.get("/api/healthcare")).status_code == 200
+            names = {span.name for _, span in receiver.spans()}
+        assert "GET /api/healthcare" in names
+
+    def test_signal_specific_protocol_wins(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        base = make_settings(OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+        assert "grpc" in type(span_export.build_span_exporter(base)).__module__
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+        grpc_base = make_settings(
+            OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318", OTEL_EXPORTER_OTLP_PROTOCOL="grpc"
+        )
+        assert "http" in type(span_export.build_span_exporter(grpc_base)).__module__
+
     async def test_dead_collector_neither_fails_requests_nor_hangs_shutdown(
         self, settings: Settings
     ) -> None:
@@ -472,14 +506,14 @@ class TestOtlpExport:
                 return super().export(spans)
 
         settings = make_settings(OTEL_SHUTDOWN_TIMEOUT_SECONDS=0.5)
-        handle = tracing.Tracing(settings)
+        handle = span_export.Tracing(settings)
         handle.start()
         # Batch export through the real BatchSpanProcessor, stuck in export.
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         processor = BatchSpanProcessor(StuckExporter())
         handle.processor = processor
-        tracing._router.add(processor)
+        span_export._router.add(processor)
         with trace.get_tracer("test").start_as_current_span("stuck"):
             pass
         started = time.monotonic()
@@ -580,7 +614,7 @@ class TestLogging:
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
         configure_logging(make_settings())
-        tracing.Tracing(make_settings()).start()
+        span_export.Tracing(make_settings()).start()
         capsys.readouterr()
         structlog.contextvars.bind_contextvars(request_id="stdlib-1")
         try:
@@ -603,8 +637,8 @@ class TestLogging:
         ]  # one line each: no duplicates through server handlers
         ctx = span.get_span_context()
         for line in lines:
-            assert line["trace_id"] == format(ctx.trace_id, "032x")
-            assert line["span_id"] == format(ctx.span_id, "016x")
+            assert line["trace_id"] == format_trace_id(ctx.trace_id)
+            assert line["span_id"] == format_span_id(ctx.span_id)
             assert line["request_id"] == "stdlib-1"
             assert {"timestamp", "level", "logger", "service", "environment"} <= set(line)
         assert lines[0]["logger"] == "uvicorn.error"
@@ -675,7 +709,9 @@ class TestLogging:
         finally:
             configure_logging(make_settings())
 
-    def test_python_warnings_become_log_lines(self, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_python_warnings_become_log_lines(
+        self, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    ) -> None:
         configure_logging(make_settings())
         capsys.readouterr()
         import warnings
@@ -686,7 +722,8 @@ class TestLogging:
             # it back to logging for this block, as configure_logging does in a process.
             logging.captureWarnings(False)
             logging.captureWarnings(True)
-            Settings(_env_file=None, ENVIRONMENT="development")
+            # The development key is generated (and the warning issued) once per file.
+            Settings(_env_file=None, ENVIRONMENT="development", SECRET_KEY_FILE=str(tmp_path / "k"))
         lines = [
             line for line in json_lines(capsys.readouterr().out) if "SECRET_KEY" in line["event"]
         ]
@@ -694,7 +731,7 @@ class TestLogging:
         assert lines[0]["level"] == "warning"
 
     def test_settings_warnings_before_logging_come_out_as_log_lines(
-        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
     ) -> None:
         import warnings
 
@@ -703,7 +740,9 @@ class TestLogging:
         monkeypatch.setattr(
             config,
             "get_settings",
-            lambda: Settings(_env_file=None, ENVIRONMENT="development"),
+            lambda: Settings(
+                _env_file=None, ENVIRONMENT="development", SECRET_KEY_FILE=str(tmp_path / "k")
+            ),
         )
         monkeypatch.setattr("backend.api.main.get_settings", config.get_settings)
         with warnings.catch_warnings():
@@ -725,68 +764,68 @@ class TestTracingHelpers:
     def test_trace_url(self) -> None:
         trace_id = "5759e988bd862e3fe1be46a994272793"
         jaeger = make_settings(TRACE_UI="jaeger", TRACE_UI_URL="http://jaeger:16686/")
-        assert tracing.trace_url(jaeger, trace_id) == f"http://jaeger:16686/trace/{trace_id}"
+        assert trace_ids.trace_url(jaeger, trace_id) == f"http://jaeger:16686/trace/{trace_id}"
         xray = make_settings(TRACE_UI="xray", AWS_REGION="eu-west-1")
-        assert tracing.trace_url(xray, trace_id) == (
+        assert trace_ids.trace_url(xray, trace_id) == (
             "https://eu-west-1.console.aws.amazon.com/cloudwatch/home?region=eu-west-1"
             "#xray:traces/1-5759e988-bd862e3fe1be46a994272793"
         )
 
     def test_xray_id_round_trip(self) -> None:
         trace_id = 0x5759E988BD862E3FE1BE46A994272793
-        assert tracing.xray_trace_id(trace_id) == "1-5759e988-bd862e3fe1be46a994272793"
-        assert tracing.trace_id_from_xray("1-5759e988-bd862e3fe1be46a994272793") == trace_id
+        assert trace_ids.xray_trace_id(trace_id) == "1-5759e988-bd862e3fe1be46a994272793"
+        assert trace_ids.trace_id_from_xray("1-5759e988-bd862e3fe1be46a994272793") == trace_id
         for bad in (
             "",
             "1-5759e988",
             "2-5759e988-bd862e3fe1be46a994272793",
             "1-zz59e988-" + "0" * 24,
         ):
-            assert tracing.trace_id_from_xray(bad) is None
+            assert trace_ids.trace_id_from_xray(bad) is None
 
     def test_resource_honours_settings_and_resource_attributes(self) -> None:
         settings = make_settings(
             OTEL_SERVICE_NAME="loans-api",
             OTEL_RESOURCE_ATTRIBUTES="aws.log.group.names=/ecs/loan-engine,service.name=ignored",
         )
-        attributes = tracing.build_resource(settings).attributes
+        attributes = span_export.build_resource(settings).attributes
         assert attributes["service.name"] == "loans-api"
         assert attributes["aws.log.group.names"] == "/ecs/loan-engine"
         assert attributes["deployment.environment"] == "test"
         assert attributes["service.version"] == "0.1.0"
-        other = tracing.build_resource(settings).attributes
+        other = span_export.build_resource(settings).attributes
         assert attributes["service.instance.id"] != other["service.instance.id"]
 
     def test_sampler_and_propagators_from_settings(self) -> None:
         ratio = make_settings(OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG=0.25)
-        assert "0.25" in tracing.build_sampler(ratio).get_description()
-        assert "ParentBased" in tracing.build_sampler(make_settings()).get_description()
-        propagator = tracing.build_propagator(make_settings().OTEL_PROPAGATORS)
+        assert "0.25" in span_export.build_sampler(ratio).get_description()
+        assert "ParentBased" in span_export.build_sampler(make_settings()).get_description()
+        propagator = trace_ids.build_propagator(make_settings().OTEL_PROPAGATORS)
         assert {"traceparent", "baggage", "X-Amzn-Trace-Id"} <= propagator.fields
         with pytest.raises(ValueError, match="nope"):
-            tracing.build_propagator(["tracecontext", "nope"])
+            trace_ids.build_propagator(["tracecontext", "nope"])
         assert make_settings(OTEL_PROPAGATORS="tracecontext, xray").OTEL_PROPAGATORS == [
             "tracecontext",
             "xray",
         ]
 
     def test_exporter_choice(self) -> None:
-        assert tracing.build_span_exporter(make_settings()) is None  # no endpoint
-        assert tracing.build_span_processor(make_settings()) is None
+        assert span_export.build_span_exporter(make_settings()) is None  # no endpoint
+        assert span_export.build_span_processor(make_settings()) is None
         none = make_settings(
             OTEL_TRACES_EXPORTER="none", OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318"
         )
-        assert tracing.build_span_exporter(none) is None
+        assert span_export.build_span_exporter(none) is None
         grpc = make_settings(
             OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4317", OTEL_EXPORTER_OTLP_PROTOCOL="grpc"
         )
-        assert "grpc" in type(tracing.build_span_exporter(grpc)).__module__
+        assert "grpc" in type(span_export.build_span_exporter(grpc)).__module__
         http = make_settings(OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318/")
-        exporter = tracing.build_span_exporter(http)
+        exporter = span_export.build_span_exporter(http)
         assert "http" in type(exporter).__module__
         assert exporter._endpoint == "http://c:4318/v1/traces"  # type: ignore[union-attr]
         console = make_settings(OTEL_TRACES_EXPORTER="console")
-        assert type(tracing.build_span_exporter(console)).__name__ == "ConsoleSpanExporter"
+        assert type(span_export.build_span_exporter(console)).__name__ == "ConsoleSpanExporter"
 
 
 class TestDeployFiles:
@@ -826,81 +865,95 @@ class TestDeployFiles:
 # ------------------------------------------------------------- metrics and admin
 
 
+class Recorder:
+    """Instruments of a private MeterProvider, under the names the service records,
+    and the admin view reading them."""
+
+    def __init__(self) -> None:
+        reader = InMemoryMetricReader()
+        meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+        self.http = meter.create_histogram(
+            HTTP_DURATION,
+            unit="s",
+            explicit_bucket_boundaries_advisory=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
+        )
+        self.runs = meter.create_counter("loan_engine.pipeline.runs")
+        self.loans = meter.create_counter("loan_engine.pipeline.loans")
+        self.view = AdminMetrics(reader)
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        attributes: dict[str, str | int] = {
+            "http.request.method": method,
+            "http.route": route,
+            "http.response.status_code": status,
+        }
+        self.http.record(seconds, attributes)
+
+
 class TestMetrics:
-    def test_record_request(self) -> None:
-        collector = MetricsCollector()
-        collector.record_request("GET", "/api/users", 200, 12.5)
-        collector.record_request("GET", "/api/users", 404, 3.0)
-        collector.record_request("POST", "/api/auth/login", 401, 40.0)
-        snap = collector.snapshot()
+    def test_requests_by_route_and_status(self) -> None:
+        recorder = Recorder()
+        recorder.request("GET", "/api/users", 200, 0.0125)
+        recorder.request("GET", "/api/users", 404, 0.003)
+        recorder.request("POST", "/api/auth/login", 401, 0.04)
+        snap = recorder.view.snapshot()
         assert snap["requests"]["total"] == 3
         assert snap["requests"]["window"] == 3
         assert snap["status_codes"] == {"200": 1, "401": 1, "404": 1}
         assert snap["top_routes"] == {"GET /api/users": 2, "POST /api/auth/login": 1}
+        assert snap["scope"]["covers"] == "this process"
 
-    def test_error_rate_calculation(self) -> None:
-        collector = MetricsCollector()
+    def test_error_rate_counts_only_5xx(self) -> None:
+        recorder = Recorder()
         for status in (200, 200, 500, 503, 404, 200, 200, 200):
-            collector.record_request("GET", "/x", status, 1.0)
-        requests = collector.snapshot()["requests"]
+            recorder.request("GET", "/x", status, 0.001)
+        requests = recorder.view.snapshot()["requests"]
         assert requests["errors_total"] == 2
-        assert requests["error_rate"] == 25.0  # only 5xx count as errors
+        assert requests["error_rate"] == 25.0
 
-    def test_latency_percentiles(self) -> None:
-        collector = MetricsCollector()
-        for ms in range(1, 101):  # 1..100 ms, shuffled order must not matter
-            collector.record_request("GET", "/x", 200, float((ms * 37) % 100 + 1))
-        latency = collector.snapshot()["latency_ms"]
-        assert (latency["p50"], latency["p95"], latency["p99"], latency["max"]) == (
-            50.0,
-            95.0,
-            99.0,
-            100.0,
-        )
+    def test_latency_percentiles_come_from_the_histogram_buckets(self) -> None:
+        recorder = Recorder()
+        for ms in range(1, 101):  # 1..100 ms
+            recorder.request("GET", "/x", 200, ms / 1000)
+        latency = recorder.view.snapshot()["latency_ms"]
         assert latency["samples"] == 100
-        assert percentile([], 0.5) == 0.0
+        assert latency["max"] == 100.0
+        # Estimated within the bucket that holds the true value (25-50 ms, 50-100 ms).
+        assert 25.0 <= latency["p50"] <= 50.0
+        assert 50.0 <= latency["p95"] <= 100.0 and 50.0 <= latency["p99"] <= 100.0
+        assert latency["p50"] < latency["p95"] <= latency["p99"]
 
-    def test_latency_window_is_bounded(self) -> None:
-        collector = MetricsCollector()
-        for _ in range(LATENCY_SAMPLES + 500):
-            collector.record_request("GET", "/x", 200, 1.0)
-        snap = collector.snapshot()
-        assert snap["latency_ms"]["samples"] == LATENCY_SAMPLES
-        assert snap["requests"]["total"] == LATENCY_SAMPLES + 500
+    def test_percentile_from_buckets(self) -> None:
+        bounds = (1.0, 2.0, 4.0)
+        assert percentile_from_buckets(bounds, [0, 0, 0, 0], 0.5) == 0.0
+        assert percentile_from_buckets(bounds, [0, 10, 0, 0], 0.5) == 1.5
+        assert percentile_from_buckets(bounds, [5, 0, 5, 0], 0.75) == 3.0
+        assert percentile_from_buckets(bounds, [0, 0, 0, 3], 0.99) == 4.0  # +Inf: lower bound
 
-    def test_route_keys_are_capped(self) -> None:
-        collector = MetricsCollector()
-        for n in range(MAX_ROUTE_KEYS + 50):
-            collector.record_request(f"M{n}", "unmatched", 405, 1.0)
-        routes = collector._window.routes
-        assert len(routes) == MAX_ROUTE_KEYS + 1
-        assert routes[OTHER_ROUTE] == 50
-
-    def test_pipeline_metrics(self) -> None:
-        collector = MetricsCollector()
-        collector.record_pipeline_run("completed", 1000)
-        collector.record_pipeline_run("completed", 250)
-        collector.record_pipeline_run("failed", 10)
-        pipeline = collector.snapshot()["pipeline"]
-        assert pipeline == {
+    def test_pipeline_runs_and_loans(self) -> None:
+        recorder = Recorder()
+        recorder.runs.add(2, {"status": "completed"})
+        recorder.runs.add(1, {"status": "failed"})
+        recorder.loans.add(1250)
+        assert recorder.view.snapshot()["pipeline"] == {
             "runs_total": 3,
             "completed": 2,
             "failed": 1,
             "interrupted": 0,
-            "loans_processed": 1260,
+            "loans_processed": 1250,
         }
 
-    def test_reset_window(self) -> None:
-        collector = MetricsCollector()
-        collector.record_request("GET", "/x", 500, 5.0)
-        collector.reset_window()
-        snap = collector.snapshot()
+    def test_reset_starts_a_new_window_and_keeps_totals(self) -> None:
+        recorder = Recorder()
+        recorder.request("GET", "/x", 500, 0.005)
+        recorder.view.reset_window()
+        snap = recorder.view.snapshot()
         assert snap["requests"]["window"] == 0
         assert snap["latency_ms"]["samples"] == 0
         assert snap["status_codes"] == {}
-        # Totals since start-up survive a window reset.
-        assert snap["requests"]["total"] == 1
-        assert snap["requests"]["errors_total"] == 1
+        assert (snap["requests"]["total"], snap["requests"]["errors_total"]) == (1, 1)
+        recorder.request("GET", "/y", 200, 0.005)
+        assert recorder.view.snapshot()["top_routes"] == {"GET /y": 1}
 
 
 class TestAdminEndpoints:
@@ -937,6 +990,8 @@ class TestAdminEndpoints:
         assert body["requests"]["window_errors"] == 1
         assert body["status_codes"]["500"] == 1
         assert body["latency_ms"]["p99"] > 0
+        assert body["scope"]["covers"] == "this process"
+        assert body["scope"]["pid"] == os.getpid()
 
     async def test_admin_health_detailed(
         self, app: FastAPI, client: httpx.AsyncClient, admin_headers: dict[str, str]
@@ -955,8 +1010,8 @@ class TestAdminEndpoints:
         response = await client.get("/admin/config", headers=admin_headers)
         assert response.status_code == 200
         config = response.json()
-        assert config["SECRET_KEY"] == "***"
-        assert config["ADMIN_PASSWORD"] == "***"
+        assert config["SECRET_KEY"] == "[REDACTED]"
+        assert config["ADMIN_PASSWORD"] == "[REDACTED]"
         assert config["ENVIRONMENT"] == "test"
         assert config["DB_POOL_SIZE"] == 5
         assert TEST_SECRET not in response.text
@@ -970,7 +1025,7 @@ class TestAdminEndpoints:
             token = await login(c, "admin", ADMIN_PASSWORD)
             response = await c.get("/admin/config", headers=bearer(token))
         assert "db-pass-xyz" not in response.text
-        assert ":***@" in response.json()["DATABASE_URL"]
+        assert ":[REDACTED]@" in response.json()["DATABASE_URL"]
 
     async def test_admin_system_info(
         self, client: httpx.AsyncClient, admin_headers: dict[str, str]

@@ -6,8 +6,11 @@ import asyncio
 import csv
 import io
 import json
+import os
+import socket
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -15,14 +18,18 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
+from backend.api.main import create_app
+from backend.config import Settings
 from backend.database import Database
 from backend.models import LoanException, LoanFact, PipelineRun, RunStatus
+from backend.pipeline.executor import INTERNAL_MESSAGE
+from backend.pipeline.leases import gave_up_message
 from backend.pipeline.phases import default_phases
 from backend.pipeline.phases.base import Phase, RunContext
 from backend.pipeline.phases.report import ReportPhase
-from backend.pipeline.runner import INTERNAL_MESSAGE, INTERRUPTED_MESSAGE, PipelineRunner
+from backend.pipeline.runner import PipelineRunner
 from backend.pipeline.tape import generate_tape
-from backend.tests.conftest import UserFactory
+from backend.tests.conftest import UserFactory, make_team
 from backend.tests.pipeline_support import (
     DEADLINE_SECONDS,
     KNOWN_TAPE,
@@ -64,9 +71,15 @@ async def download(client: httpx.AsyncClient, headers: dict[str, str], path: str
 
 
 async def test_known_tape_upload_run_and_results(
-    client: httpx.AsyncClient, analyst: dict[str, str], make_user: UserFactory, app: FastAPI
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    make_user: UserFactory,
+    app: FastAPI,
 ) -> None:
+    team = await make_team(client, admin_headers, "Pacific")
+    analyst = (await make_user("analyst", sales_team_id=team))["headers"]
     path = await upload_tape(client, analyst, "known.csv", KNOWN_TAPE)
+    before = app.state.metrics.snapshot()["pipeline"]  # this process, all tests
     run_id = await start(client, analyst, path)
     run = await wait_until(client, analyst, run_id)
 
@@ -79,15 +92,18 @@ async def test_known_tape_upload_run_and_results(
         run["rejected_loans"],
         run["exception_count"],
     ) == (14, 4, 6, 4, 12)
-    assert run["output_prefix"] == f"outputs/{run_id}/"
+    # The reports go to the run's scope: its team's, as the tape did.
+    assert path == f"inputs/team-{team}/known.csv"
+    assert run["output_prefix"] == f"outputs/team-{team}/{run_id}/"
     assert set(run["phase_durations"]) == {
         "ingest", "validate", "normalize", "enrich", "eligibility", "persist", "report",
     }  # fmt: skip
     assert run["started_at"] and run["finished_at"]
-    pipeline_metrics = app.state.metrics.snapshot()["pipeline"]
-    assert (pipeline_metrics["completed"], pipeline_metrics["loans_processed"]) == (1, 14)
+    after = app.state.metrics.snapshot()["pipeline"]
+    assert after["completed"] - before["completed"] == 1
+    assert after["loans_processed"] - before["loans_processed"] == 14
 
-    viewer = (await make_user("viewer"))["headers"]
+    viewer = (await make_user("viewer", sales_team_id=team))["headers"]
     exceptions = await client.get(
         f"/api/pipeline/runs/{run_id}/exceptions", params={"limit": 100}, headers=viewer
     )
@@ -143,7 +159,7 @@ async def test_known_tape_upload_run_and_results(
     )
     assert ineligible.json()["total"] == 6
 
-    summary = json.loads(await download(client, viewer, f"outputs/{run_id}/summary.json"))
+    summary = json.loads(await download(client, viewer, run["output_prefix"] + "summary.json"))
     assert summary["counts"] == {
         "total": 14,
         "eligible": 4,
@@ -154,14 +170,16 @@ async def test_known_tape_upload_run_and_results(
     assert summary["rule_failures"]["allowed_state"] == 1
     eligible_csv = list(
         csv.DictReader(
-            io.StringIO((await download(client, viewer, f"outputs/{run_id}/eligible.csv")).decode())
+            io.StringIO(
+                (await download(client, viewer, run["output_prefix"] + "eligible.csv")).decode()
+            )
         )
     )
     assert [r["loan_id"] for r in eligible_csv] == ["L001", "L002", "L013", "L014"]
     exceptions_csv = list(
         csv.DictReader(
             io.StringIO(
-                (await download(client, viewer, f"outputs/{run_id}/exceptions.csv")).decode()
+                (await download(client, viewer, run["output_prefix"] + "exceptions.csv")).decode()
             )
         )
     )
@@ -185,16 +203,18 @@ async def test_missing_column_fails_cleanly(
     lines = KNOWN_TAPE.decode().splitlines()
     header = lines[0].replace(",credit_score", "").replace(",state", "")
     path = await upload_tape(client, analyst, "short.csv", (header + "\nL1,B1,1,2\n").encode())
+    before = app.state.metrics.snapshot()["pipeline"]  # this process, all tests
     run_id = await start(client, analyst, path)
     run = await wait_until(client, analyst, run_id)
     assert run["status"] == "failed"
     assert run["error_message"] == "The tape is missing required columns: credit_score, state"
     assert run["total_loans"] == 0
-    assert app.state.metrics.snapshot()["pipeline"]["failed"] == 1
+    assert app.state.metrics.snapshot()["pipeline"]["failed"] - before["failed"] == 1
     facts = await client.get(f"/api/pipeline/runs/{run_id}/facts", headers=analyst)
     assert facts.json()["total"] == 0
+    prefix = run["output_prefix"].removeprefix("outputs/")
     outputs = await client.get(
-        "/api/files", params={"area": "outputs", "prefix": run_id}, headers=analyst
+        "/api/files", params={"area": "outputs", "prefix": prefix}, headers=analyst
     )
     assert outputs.json()["total"] == 0
 
@@ -215,8 +235,10 @@ async def test_unreadable_tapes_fail_with_a_clear_message(
     async def body() -> Any:
         yield content
 
-    await storage.save("inputs/bad.csv", body())
-    run = await wait_until(client, analyst, await start(client, analyst, "inputs/bad.csv"))
+    me = (await client.get("/api/auth/me", headers=analyst)).json()
+    path = f"inputs/user-{me['id']}/bad.csv"  # the analyst's own scope
+    await storage.save(path, body())
+    run = await wait_until(client, analyst, await start(client, analyst, path))
     assert run["status"] == "failed"
     assert run["error_message"].startswith(message)
     assert "Traceback" not in run["error_message"]
@@ -363,8 +385,8 @@ async def test_concurrency_bound_holds(
     assert set(final.values()) == {"completed"}
 
 
-async def test_shutdown_interrupts_what_does_not_drain(
-    client: httpx.AsyncClient, analyst: dict[str, str], app: FastAPI
+async def test_shutdown_hands_back_what_does_not_drain(
+    client: httpx.AsyncClient, analyst: dict[str, str], app: FastAPI, settings: Settings
 ) -> None:
     runner: PipelineRunner = app.state.runner
     gates = Gates()
@@ -374,12 +396,28 @@ async def test_shutdown_interrupts_what_does_not_drain(
     for _ in range(2):
         await asyncio.wait_for(gates.entered.get(), DEADLINE_SECONDS)
     await runner.shutdown(drain_seconds=0)
+    # Two were executing, one waited for a slot: all three go back to the queue.
     final = await statuses(client, analyst)
-    assert [final[i] for i in ids] == ["interrupted"] * 3
-    run = (await client.get(f"/api/pipeline/runs/{ids[0]}", headers=analyst)).json()
-    assert run["error_message"] == INTERRUPTED_MESSAGE
+    assert [final[i] for i in ids] == ["queued"] * 3
+    database: Database = app.state.db
+    async with database.session() as session:
+        rows = (
+            await session.scalars(
+                select(PipelineRun).where(PipelineRun.id.in_([uuid.UUID(i) for i in ids]))
+            )
+        ).all()
+    assert sorted(r.attempts for r in rows) == [0, 1, 1]
+    assert {r.owner for r in rows} == {runner.leases.owner}
+    assert all(r.error_message is None and r.finished_at is None for r in rows)
     refused = await client.post("/api/pipeline/run", json={"input_path": path}, headers=analyst)
     assert refused.status_code == 503
+    # The next process to start takes them over and finishes them.
+    restarted = create_app(settings)
+    async with restarted.router.lifespan_context(restarted):
+        for run_id in ids:
+            run = await wait_until(client, analyst, run_id)
+            assert (run["status"], run["error_message"]) == ("completed", None), run
+            assert run["total_loans"] == 14
 
 
 async def test_shutdown_drains_runs_that_finish_in_time(
@@ -428,19 +466,59 @@ async def test_a_crash_after_persist_leaves_no_facts(
     assert (facts, problems) == (0, 0)
 
 
-async def test_runs_left_running_become_interrupted_at_startup(app: FastAPI, settings: Any) -> None:
-    from backend.api.main import create_app
-
+async def test_startup_recovers_only_runs_whose_lease_expired(
+    app: FastAPI, settings: Settings
+) -> None:
     database: Database = app.state.db
+    past = datetime.now(UTC) - timedelta(minutes=5)
+    future = datetime.now(UTC) + timedelta(minutes=5)
+
+    def run(status: RunStatus, **fields: Any) -> PipelineRun:
+        return PipelineRun(id=uuid.uuid4(), status=status, input_path="inputs/a.csv", **fields)
+
+    dead = run(RunStatus.RUNNING, owner="gone:1:a", lease_expires_at=past, attempts=1)
+    alive = run(RunStatus.RUNNING, owner="live:2:b", lease_expires_at=future, attempts=1)
+    waiting = run(RunStatus.QUEUED, owner="live:2:b", lease_expires_at=future)
+    spent = run(
+        RunStatus.RUNNING,
+        owner="gone:1:a",
+        lease_expires_at=past,
+        attempts=settings.PIPELINE_MAX_ATTEMPTS,
+    )
+    done = run(RunStatus.COMPLETED)
     async with database.session() as session:
-        stale = PipelineRun(id=uuid.uuid4(), status=RunStatus.RUNNING, input_path="inputs/a.csv")
-        done = PipelineRun(id=uuid.uuid4(), status=RunStatus.COMPLETED, input_path="inputs/a.csv")
-        session.add_all([stale, done])
+        session.add_all([dead, alive, waiting, spent, done])
     restarted = create_app(settings)
     async with restarted.router.lifespan_context(restarted):
+        await asyncio.wait_for(restarted.state.runner.join(), DEADLINE_SECONDS)
         async with database.session() as session:
-            assert (await session.get(PipelineRun, stale.id)).status == RunStatus.INTERRUPTED  # type: ignore[union-attr]
-            assert (await session.get(PipelineRun, done.id)).status == RunStatus.COMPLETED  # type: ignore[union-attr]
+
+            async def now(r: PipelineRun) -> PipelineRun:
+                found = await session.get(PipelineRun, r.id, populate_existing=True)
+                assert found is not None
+                return found
+
+            # Taken over and executed again (its tape does not exist: failed). The test
+            # loop is shared by the whole session, so another live runner in this process
+            # may win the takeover: the owner is a live one of this process, never the dead.
+            deadline = asyncio.get_running_loop().time() + DEADLINE_SECONDS
+            recovered = await now(dead)
+            while recovered.status != RunStatus.FAILED:
+                assert asyncio.get_running_loop().time() < deadline, recovered.status
+                await asyncio.sleep(0.05)
+                recovered = await now(dead)
+            assert recovered.owner is not None
+            assert recovered.owner.startswith(f"{socket.gethostname()}:{os.getpid()}:")
+            assert (recovered.status, recovered.attempts) == (RunStatus.FAILED, 2)
+            assert recovered.error_message == "ingest: File not found"
+            # Live leases are left alone, whoever holds them.
+            for untouched in (alive, waiting):
+                row = await now(untouched)
+                assert (row.status, row.owner) == (untouched.status, "live:2:b")
+            gave_up = await now(spent)
+            assert gave_up.status == RunStatus.FAILED
+            assert gave_up.error_message == gave_up_message(settings.PIPELINE_MAX_ATTEMPTS)
+            assert (await now(done)).status == RunStatus.COMPLETED
 
 
 class HeldReport(ReportPhase):
@@ -454,7 +532,7 @@ class HeldReport(ReportPhase):
         await self.never.wait()
 
 
-async def test_a_run_cut_off_mid_batch_is_interrupted_with_no_facts(
+async def test_a_run_cut_off_mid_batch_is_handed_back_with_no_facts(
     client: httpx.AsyncClient, analyst: dict[str, str], app: FastAPI
 ) -> None:
     reached, never = asyncio.Event(), asyncio.Event()
@@ -470,7 +548,7 @@ async def test_a_run_cut_off_mid_batch_is_interrupted_with_no_facts(
     await asyncio.wait_for(reached.wait(), DEADLINE_SECONDS)
     await app.state.runner.shutdown(drain_seconds=0)
     run = (await client.get(f"/api/pipeline/runs/{run_id}", headers=analyst)).json()
-    assert (run["status"], run["error_message"]) == ("interrupted", INTERRUPTED_MESSAGE)
+    assert (run["status"], run["error_message"]) == ("queued", None)
     facts = await client.get(f"/api/pipeline/runs/{run_id}/facts", headers=analyst)
     assert facts.json()["total"] == 0
     # The pool still works: the persist connection was rolled back or discarded.
@@ -480,7 +558,6 @@ async def test_a_run_cut_off_mid_batch_is_interrupted_with_no_facts(
 
 
 async def test_pipeline_on_s3_storage(clean_db: str, s3_bucket: str, moto_endpoint: str) -> None:
-    from backend.api.main import create_app
     from backend.tests.conftest import ADMIN_PASSWORD, bearer, login, make_settings
 
     settings = make_settings(

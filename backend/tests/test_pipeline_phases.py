@@ -20,7 +20,13 @@ from backend.migrations.runner import upgrade
 from backend.models import LoanException, LoanFact, PipelineRun, RunStatus, Severity
 from backend.pipeline.eligibility import build_rules, failed_rules
 from backend.pipeline.engine import PipelineEngine
-from backend.pipeline.phases.base import Batch, LoanRow, PipelineFailure, RunContext
+from backend.pipeline.phases.base import (
+    Batch,
+    ExceptionRecord,
+    LoanRow,
+    PipelineFailure,
+    RunContext,
+)
 from backend.pipeline.phases.eligibility import EligibilityPhase
 from backend.pipeline.phases.enrich import EnrichPhase, grade
 from backend.pipeline.phases.ingest import IngestPhase
@@ -30,6 +36,7 @@ from backend.pipeline.phases.validate import ValidatePhase
 from backend.pipeline.tape import REQUIRED_COLUMNS
 from backend.storage.local import LocalStorage
 from backend.tests.conftest import make_settings
+from backend.tests.pipeline_support import through
 
 HEADER = ",".join(REQUIRED_COLUMNS)
 GOOD = "L1,B1,200000,6.0,360,700,120000,500,250000,CA,SFR,PRIMARY,2024-01-15,Pacific"
@@ -85,7 +92,7 @@ async def test_ingest_batches_across_tiny_chunks(
     assert [len(b.raw) for b in batches] == [5, 5, 5, 5, 3]
     records = [r for b in batches for r in b.raw]
     assert [n for n, _ in records] == list(range(1, 24))
-    assert records[10][1] == ["L11", "B11", "1,11", "multi\nline 11"]
+    assert records[10][1] == ("L11", "B11", "1,11", "multi\nline 11")
     assert ctx.counts.total == 23
 
 
@@ -119,10 +126,11 @@ async def validate(header: str, *lines: str) -> tuple[RunContext, Batch]:
     import csv
 
     ctx.header = next(csv.reader([header]))
-    batch = Batch(index=0, raw=[(i, next(csv.reader([line]))) for i, line in enumerate(lines, 1)])
+    raw = [(i, tuple(next(csv.reader([line])))) for i, line in enumerate(lines, 1)]
+    batch = Batch(index=0, raw=raw)
     phase = ValidatePhase()
     await phase.start(ctx)
-    await phase.process(batch, ctx)
+    await through(phase, batch, ctx)
     return ctx, batch
 
 
@@ -245,7 +253,7 @@ def loan(**changes: Any) -> LoanRow:
 
 async def test_normalize_canonical_values() -> None:
     batch = Batch(index=0, rows=[loan(), loan(property_type="Condominium", occupancy="investor")])
-    await NormalizePhase().process(batch, context(make_settings()))
+    await through(NormalizePhase(), batch, context(make_settings()))
     first, second = batch.rows
     assert (first.loan_id, first.borrower_id, first.state) == ("L1", "B1", "CA")
     assert (first.property_type, first.occupancy) == ("SFR", "PRIMARY")
@@ -263,7 +271,7 @@ async def test_enrich_payment_ltv_dti_grade() -> None:
         loan(rate=0.06, credit_score=760, property_value=300000),
     ]
     batch = Batch(index=0, rows=rows)
-    await EnrichPhase().process(batch, context(make_settings()))
+    await through(EnrichPhase(), batch, context(make_settings()))
     first, zero, third = batch.rows
     assert first.monthly_payment == 1199.10
     assert (first.ltv, first.dti, first.grade) == (0.8, 0.1699, "B")
@@ -355,7 +363,7 @@ async def test_eligibility_phase_records_rule_exceptions() -> None:
     phase = EligibilityPhase()
     await phase.start(ctx)
     batch = Batch(index=0, rows=[enriched(), enriched(row_number=2, loan_id="L2", ltv=1.2)])
-    await phase.process(batch, ctx)
+    await through(phase, batch, ctx)
     assert [r.eligible for r in batch.rows] == [True, False]
     (problem,) = batch.exceptions
     assert (problem.row_number, problem.loan_id, problem.severity, problem.rule_id) == (
@@ -400,16 +408,67 @@ async def test_persist_rolls_back_on_abort(settings: Settings) -> None:
         batch = Batch(index=0, rows=[row])
         phase = PersistPhase()
         await phase.start(ctx)
-        await phase.process(batch, ctx)
+        await through(phase, batch, ctx)
         await phase.abort(ctx)
         assert await count_rows(database, run_id) == (0, 0)
 
         phase = PersistPhase()
         await phase.start(ctx)
-        await phase.process(batch, ctx)
+        await through(phase, batch, ctx)
         assert await count_rows(database, run_id) == (0, 0)  # not visible before commit
         await phase.finish(ctx)
         assert await count_rows(database, run_id) == (1, 0)
+    finally:
+        await database.dispose()
+
+
+AWKWARD_TEXT = [
+    "Pacific, North",
+    'say "hi"',
+    "Mountain\nand Coast",
+    "line\r\nbreak",
+    "a\n\\.\nb",  # COPY's end-of-data marker alone on a line, inside a value
+    "\\.",
+    "\\N",
+    "NULL",
+    " padded ",
+    "\t",
+    "é€😀",
+]
+
+
+async def test_persist_keeps_any_text_exact_and_none_null(settings: Settings) -> None:
+    database = Database(settings)
+    try:
+        run_id = await new_run(database)
+        ctx = context(settings, database=database)
+        ctx.run_id = run_id
+        rows = []
+        for n, team in enumerate([*AWKWARD_TEXT, None], start=1):
+            row = enriched(row_number=n, loan_id=f"L{n}", sales_team=team)
+            row.monthly_payment, row.grade = 1199.1, "B"
+            rows.append(row)
+        problems = [
+            ExceptionRecord(n, None, Severity.ERROR, "rule", None, text)
+            for n, text in enumerate(AWKWARD_TEXT, start=1)
+        ]
+        phase = PersistPhase()
+        await phase.start(ctx)
+        await through(phase, Batch(index=0, rows=rows, exceptions=problems), ctx)
+        await phase.finish(ctx)
+        async with database.session() as session:
+            teams = await session.scalars(
+                select(LoanFact.sales_team)
+                .where(LoanFact.run_id == run_id)
+                .order_by(LoanFact.row_number)
+            )
+            assert list(teams) == [*AWKWARD_TEXT, None]
+            stored = await session.execute(
+                select(LoanException.loan_id, LoanException.field, LoanException.message)
+                .where(LoanException.run_id == run_id)
+                .order_by(LoanException.seq)
+            )
+            assert list(stored) == [(None, None, text) for text in AWKWARD_TEXT]
     finally:
         await database.dispose()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,14 +23,16 @@ from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import StatusCode, format_span_id, format_trace_id
+from structlog import get_logger
 
 from backend.api.main import create_app
 from backend.config import Settings
+from backend.pipeline.executor import INTERNAL_MESSAGE
 from backend.pipeline.phases import PHASE_NAMES, default_phases
 from backend.pipeline.phases.base import Batch, Phase, RunContext
+from backend.pipeline.phases.enrich import EnrichPhase
 from backend.pipeline.phases.report import ReportPhase
-from backend.pipeline.runner import INTERNAL_MESSAGE, INTERRUPTED_MESSAGE
 from backend.pipeline.tape import generate_tape
 from backend.tests.conftest import make_settings
 from backend.tests.obs_helpers import events, json_lines
@@ -79,12 +83,12 @@ async def run_to_end(
 
 def hex_trace(span: ReadableSpan) -> str:
     assert span.context is not None
-    return format(span.context.trace_id, "032x")
+    return format_trace_id(span.context.trace_id)
 
 
 def hex_span(span: ReadableSpan) -> str:
     assert span.context is not None
-    return format(span.context.span_id, "016x")
+    return format_span_id(span.context.span_id)
 
 
 def only(spans: list[ReadableSpan], name: str) -> ReadableSpan:
@@ -130,8 +134,15 @@ async def test_a_run_is_one_trace_of_seven_phases_linked_to_its_request(
 
     root, spans = run_trace(exporter)
     assert root.parent is None
-    # The root opens when the run is queued; the event marks the end of the queue wait.
-    assert [e.name for e in root.events] == ["pipeline.run.slot_acquired"]
+    # The root opens when the run was queued; its first child is the wait for an executor.
+    wait = only(spans, "pipeline.queue.wait")
+    assert wait.parent is not None and wait.parent.span_id == root.context.span_id
+    assert root.start_time == wait.start_time
+    assert wait.end_time is not None and wait.end_time <= min(
+        s.start_time or 0 for s in spans if s.name.startswith("pipeline.phase.")
+    )
+    waited = attrs(wait)["pipeline.queue.wait_seconds"]
+    assert waited == attrs(root)["pipeline.queue.wait_seconds"] >= 0
     phases = [s for s in spans if s.name.startswith("pipeline.phase.")]
     assert sorted(s.name for s in phases) == sorted(PHASE_SPANS)
     for phase in phases:
@@ -153,6 +164,8 @@ async def test_a_run_is_one_trace_of_seven_phases_linked_to_its_request(
 
     assert attrs(root) == {
         "pipeline.run_id": accepted["run_id"],
+        "pipeline.attempt": 1,
+        "pipeline.queue.wait_seconds": waited,
         "pipeline.input_path": path,
         "pipeline.status": "completed",
         "pipeline.loans.total": 14,
@@ -201,6 +214,7 @@ async def test_sql_spans_hang_under_the_phase_that_issued_them(
         "COMMIT",
         "COPY loan_exceptions",
         "COPY loan_facts",
+        "SELECT",  # the run is still this process's to commit (row lock)
     ]
     copy = only(under_persist, "COPY loan_facts")
     assert attrs(copy)["db.system"] == "postgresql"
@@ -232,8 +246,8 @@ async def test_span_count_follows_batches_never_rows(
     batches = attrs(only(spans, "pipeline.phase.ingest"))["pipeline.phase.batches"]
     assert rows // batch_size <= batches <= rows // batch_size + 1
     names = {s.name for s in spans}
-    allowed = {"pipeline.run", *PHASE_SPANS, "BEGIN", "COMMIT", "COPY loan_facts",
-               "COPY loan_exceptions"}  # fmt: skip
+    allowed = {"pipeline.run", "pipeline.queue.wait", *PHASE_SPANS, "BEGIN", "COMMIT",
+               "COPY loan_facts", "COPY loan_exceptions"}  # fmt: skip
     assert all(n in allowed or n.split()[0] in {"SELECT", "UPDATE"} for n in names), names
     copies = [s for s in spans if s.name.startswith("COPY")]
     assert len(copies) <= 2 * batches
@@ -279,6 +293,56 @@ async def test_run_log_lines_carry_run_id_and_the_runs_trace(
     assert "run_id" not in queued
     for line in events(lines, "http.request.completed"):
         assert "run_id" not in line, line
+
+
+class TracedEnrich(EnrichPhase):
+    """Leaves a span and a log line from its transform, and takes at least 10 ms there."""
+
+    threads: set[int]
+
+    def transform(self, batch: Batch, ctx: RunContext) -> None:
+        self.threads.add(threading.get_ident())
+        with trace.get_tracer("tests").start_as_current_span("enrich.probe"):
+            get_logger("tests").info("enrich.probe", rows=len(batch.rows))
+        time.sleep(0.01)
+        super().transform(batch, ctx)
+
+
+async def test_work_off_the_loop_keeps_its_phase_span_time_and_run_context(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    analyst: dict[str, str],
+    exporter: InMemorySpanExporter,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    threads: set[int] = set()
+
+    def phases() -> list[Phase]:
+        chosen = default_phases()
+        traced = TracedEnrich()
+        traced.threads = threads
+        chosen[PHASE_NAMES.index("enrich")] = traced
+        return chosen
+
+    app.state.runner.engine.phases = phases
+    path = await upload_known_tape(client, analyst, exporter)
+    capsys.readouterr()
+    accepted, run = await run_to_end(app, client, analyst, path)
+    assert run["status"] == "completed", run
+    assert threads and threading.get_ident() not in threads
+
+    root, spans = run_trace(exporter)
+    enrich = only(spans, "pipeline.phase.enrich")
+    probes = [s for s in spans if s.name == "enrich.probe"]
+    assert len(probes) == attrs(enrich)["pipeline.phase.batches"]
+    assert all(p.parent is not None and p.parent.span_id == enrich.context.span_id for p in probes)
+    lines = events(json_lines(capsys.readouterr().out), "enrich.probe")
+    assert len(lines) == len(probes)
+    for line in lines:
+        assert (line["run_id"], line["trace_id"]) == (accepted["run_id"], hex_trace(root))
+    # The time a phase spends in the worker thread is still its own.
+    assert attrs(enrich)["pipeline.phase.busy_seconds"] >= 0.01 * len(probes)
+    assert run["phase_durations"]["enrich"] >= 0.01 * len(probes)
 
 
 @pytest.mark.parametrize(
@@ -472,8 +536,8 @@ async def test_an_interrupted_run_still_ends_every_span(
 
     root, spans = run_trace(exporter)
     assert root.status.status_code == StatusCode.ERROR
-    assert root.status.description == INTERRUPTED_MESSAGE
-    assert attrs(root)["pipeline.status"] == "interrupted"
+    assert root.status.description == "handed back: the process is stopping"
+    assert attrs(root)["pipeline.status"] == "handed_back"
     phases_ended = {s.name: s for s in spans if s.name.startswith("pipeline.phase.")}
     assert set(phases_ended) == PHASE_SPANS
     assert phases_ended["pipeline.phase.report"].status.status_code == StatusCode.ERROR

@@ -17,12 +17,14 @@ import httpx
 import pytest
 import structlog
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backend.api.main import create_app
 from backend.config import Settings
 from backend.middleware.request_context import valid_request_id
 from backend.tests.conftest import ADMIN_PASSWORD, TEST_SECRET, bearer, login
+from backend.tests.hardening_support import http_scope as asgi_scope
 from backend.tests.obs_helpers import Uvicorn, events, json_lines
 
 
@@ -44,7 +46,9 @@ class StubLimits:
 
 def build(settings: Settings) -> FastAPI:
     application = create_app(settings)
-    application.add_middleware(StubLimits)
+    # Innermost of the declared request path, where the hardening layers sit
+    # (`add_middleware` would put it outside every layer).
+    application.user_middleware.append(Middleware(StubLimits))
 
     @application.get("/api/test/boom")
     async def boom() -> None:
@@ -80,20 +84,9 @@ async def client_for(settings: Settings) -> tuple[FastAPI, httpx.AsyncClient]:
 
 def http_scope(path: str, request_id: str) -> dict[str, Any]:
     """A plain ASGI HTTP scope, for calls an HTTP client would refuse to make."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"testserver"), (b"x-request-id", request_id.encode())],
-        "client": ("192.0.2.1", 1),
-        "server": ("testserver", 80),
-    }
+    return asgi_scope(
+        path, headers=[(b"x-request-id", request_id.encode())], client=("192.0.2.1", 1)
+    )
 
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

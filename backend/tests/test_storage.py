@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from backend.storage.base import (
+    FileInfo,
     InvalidPath,
     Storage,
     StoredFileExists,
@@ -116,6 +118,41 @@ async def test_existing_name_conflicts_unless_overwrite(storage: Storage) -> Non
     assert await read_all(storage, "inputs/a.csv") == b"one"
     await storage.save("inputs/a.csv", chunks(b"three"), overwrite=True)
     assert await read_all(storage, "inputs/a.csv") == b"three"
+
+
+@pytest.mark.parametrize("size", [3, PART_SIZE + 3], ids=["one-put", "multipart"])
+async def test_two_uploads_of_one_name_cannot_both_succeed(storage: Storage, size: int) -> None:
+    """Both uploads pass the early "exists?" check before either writes; the second to
+    write must lose. (The writes are ordered: moto's own conditional check is not atomic
+    against two requests at the same instant; S3's is.)"""
+    both_checked = asyncio.Barrier(2)
+    first_written = asyncio.Event()
+
+    async def first_body() -> AsyncIterator[bytes]:
+        await both_checked.wait()  # a body is read only after its name was checked
+        yield b"a" * size
+
+    async def second_body() -> AsyncIterator[bytes]:
+        await both_checked.wait()
+        await first_written.wait()
+        yield b"b" * size
+
+    async def first() -> FileInfo:
+        try:
+            return await storage.save("inputs/race.csv", first_body())
+        finally:
+            first_written.set()
+
+    won, lost = await asyncio.gather(
+        first(),
+        storage.save("inputs/race.csv", second_body()),
+        return_exceptions=True,
+    )
+    assert isinstance(won, FileInfo) and won.size == size, won
+    assert isinstance(lost, StoredFileExists), lost
+    assert await read_all(storage, "inputs/race.csv") == b"a" * size
+    listed, total = await storage.list("inputs")
+    assert [info.path for info in listed] == ["inputs/race.csv"] and total == 1
 
 
 async def test_failed_save_leaves_nothing(storage: Storage) -> None:

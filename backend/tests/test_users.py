@@ -101,11 +101,11 @@ async def test_health(client: httpx.AsyncClient) -> None:
 async def test_seed_refuses_production_without_admin_password(clean_db: str) -> None:
     from backend.config import ConfigurationError
     from backend.database import Database
-    from backend.tests.conftest import make_settings
+    from backend.tests.conftest import TEST_SECRET, make_settings
     from backend.users.service import ensure_admin
 
     settings = make_settings(
-        ENVIRONMENT="production", SECRET_KEY="p" * 40, ADMIN_PASSWORD=None, DATABASE_URL=clean_db
+        ENVIRONMENT="production", SECRET_KEY=TEST_SECRET, ADMIN_PASSWORD=None, DATABASE_URL=clean_db
     )
     database = Database(settings)
     try:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path
 
 from backend.api.dependencies import AdminUser, SessionDep
 from backend.auth.schemas import UserRead
+from backend.models import INT4_MAX
 from backend.pagination import Page, PageDep
 from backend.users import service
 from backend.users.schemas import UserUpdate
@@ -26,9 +27,17 @@ async def list_users(_admin: AdminUser, session: SessionDep, page: PageDep) -> P
     )
 
 
-@router.patch("/{user_id}", response_model=UserRead)
+@router.patch(
+    "/{user_id}",
+    response_model=UserRead,
+    responses={
+        400: {"description": "No sales team has this sales_team_id"},
+        404: {"description": "No such user"},
+        409: {"description": "An admin may not demote or deactivate themselves"},
+    },
+)
 async def update_user(
-    user_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    user_id: Annotated[int, Path(ge=1, le=INT4_MAX)],
     changes: UserUpdate,
     admin: AdminUser,
     session: SessionDep,

@@ -10,9 +10,9 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.auth.schemas import RegisterRequest
+from backend.auth.schemas import RegisterRequest, check_password
 from backend.auth.security import hash_password
-from backend.auth.service import register
+from backend.auth.service import can_be_username, register
 from backend.config import ConfigurationError, Settings
 from backend.errors import BadRequest, Conflict, NotFound
 from backend.models import Role, SalesTeam, User
@@ -46,9 +46,36 @@ async def create_user(
     A taken username or email is a `Conflict`; nothing is committed here.
     """
     user = await register(session, settings, data)
+    if user is None:
+        raise Conflict("Username or email is already registered")
     user.role = role
     await session.flush()
     logger.info("user.created", target_user_id=user.id, role=role.value)
+    return user
+
+
+async def set_password(
+    session: AsyncSession, settings: Settings, username: str, password: str
+) -> User:
+    """Give the account `username` a new password (the operator's reset).
+
+    The password must meet the account policy (pydantic's ValidationError
+    otherwise); it is hashed with BCRYPT_ROUNDS. `NotFound` when there is no
+    such user. Active or not, the account keeps its state; nothing is committed
+    here. Tokens issued before stay valid until they expire (they carry no
+    password state).
+    """
+    check_password(password)
+    user = None
+    if can_be_username(username):
+        user = await session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise NotFound("User not found")
+    user.hashed_password = await anyio.to_thread.run_sync(
+        hash_password, password, settings.BCRYPT_ROUNDS
+    )
+    await session.flush()
+    logger.info("user.password_reset", target_user_id=user.id)
     return user
 
 
@@ -64,10 +91,6 @@ async def update_user(
         fields.get("is_active") is False or fields.get("role", Role.ADMIN) != Role.ADMIN
     ):
         raise Conflict("Admins cannot demote or deactivate themselves")
-    if "role" in fields and fields["role"] is None:
-        raise BadRequest("role cannot be null")
-    if "is_active" in fields and fields["is_active"] is None:
-        raise BadRequest("is_active cannot be null")
     team_id = fields.get("sales_team_id")
     if team_id is not None and await session.get(SalesTeam, team_id) is None:
         raise BadRequest("Unknown sales_team_id")

@@ -20,7 +20,7 @@ class EligibilityPhase(BasePhase):
     async def start(self, ctx: RunContext) -> None:
         self._rules = build_rules(ctx.settings)
 
-    async def process(self, batch: Batch, ctx: RunContext) -> None:
+    def transform(self, batch: Batch, ctx: RunContext) -> None:
         rules = self._rules
         failures = ctx.rule_failures
         problems = batch.exceptions

@@ -19,7 +19,7 @@ def grade(credit_score: int, ltv: float, dti: float) -> str:
 class EnrichPhase(BasePhase):
     name = "enrich"
 
-    async def process(self, batch: Batch, ctx: RunContext) -> None:
+    def transform(self, batch: Batch, ctx: RunContext) -> None:
         for row in batch.rows:
             monthly_rate = row.rate / 12.0
             n = row.term_months

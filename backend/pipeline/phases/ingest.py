@@ -2,7 +2,9 @@
 
 The file is never read whole: chunks are decoded incrementally and only
 complete records (cut at a newline outside quotes) are parsed, so a quoted
-field may contain newlines and still never straddles two batches.
+field may contain newlines and still never straddles two batches. Reading a
+chunk is I/O, on the event loop; inflating, decoding and parsing it is CPU
+work, done in a worker thread (one hop per chunk).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import codecs
 import csv
 import io
 import zlib
-from collections import deque
 from collections.abc import AsyncIterator
+from functools import partial
 
-from backend.pipeline.phases.base import BasePhase, Batch, PipelineFailure, RunContext
+from backend.pipeline.phases.base import BasePhase, Batch, PipelineFailure, RunContext, off_loop
 
 # A record still open after this much text has an unterminated quote somewhere.
 MAX_PENDING_CHARS = 16 * 1024 * 1024
@@ -49,7 +51,10 @@ class IngestPhase(BasePhase):
         self._decoder = codecs.getincrementaldecoder("utf-8-sig")()
         self._gunzip: zlib._Decompress | None = None
         self._pending = ""
-        self._records: deque[list[str]] = deque()
+        self._header: list[str] | None = None
+        # Numbered rows parsed and not yet in a batch: those from `_taken` on.
+        self._rows: list[tuple[int, tuple[str, ...]]] = []
+        self._taken = 0
         self._eof = False
         self._bytes_read = 0
         self._row_number = 0
@@ -58,33 +63,27 @@ class IngestPhase(BasePhase):
         self._chunks = aiter(ctx.storage.open(ctx.input_path))
         if ctx.input_path.lower().endswith(".gz"):
             self._gunzip = zlib.decompressobj(wbits=31)
-        header: list[str] = []
-        while not header:
-            while not self._records and not self._eof:
-                await self._read_more()
-            if not self._records:
-                raise PipelineFailure("The tape is empty: it has no header row")
-            header = self._records.popleft()  # blank lines before the header are skipped
-            if header == [""]:
-                header = []
-        ctx.header = [name.strip() for name in header]
+        while self._header is None and not self._eof:
+            await self._read_more()
+        if self._header is None:
+            raise PipelineFailure("The tape is empty: it has no header row")
+        ctx.header = [name.strip() for name in self._header]
         ctx.extra["bytes_read"] = self._bytes_read
 
     async def process(self, batch: Batch, ctx: RunContext) -> None:
         size = ctx.settings.PIPELINE_BATCH_SIZE
         raw = batch.raw
         while len(raw) < size:
-            if not self._records:
+            if self._taken == len(self._rows):
                 if self._eof:
                     ctx.exhausted = True
                     break
                 await self._read_more()
                 continue
-            record = self._records.popleft()
-            if not record or record == [""]:
-                continue  # blank line: not a row
-            self._row_number += 1
-            raw.append((self._row_number, record))
+            # One slice, not a Python loop per row: this runs on the event loop.
+            end = min(len(self._rows), self._taken + size - len(raw))
+            raw.extend(self._rows[self._taken : end])
+            self._taken = end
         ctx.counts.total += len(raw)
         ctx.extra["bytes_read"] = self._bytes_read
 
@@ -107,6 +106,11 @@ class IngestPhase(BasePhase):
             chunk = b""
             self._eof = True
         self._bytes_read += len(chunk)
+        await off_loop(partial(self._parse, chunk))
+
+    def _parse(self, chunk: bytes) -> None:
+        """Number the complete records `chunk` ends and add them to the parsed rows;
+        keep the rest pending (in the worker thread: this is the CPU work of ingest)."""
         data = chunk
         if self._gunzip is not None:
             try:
@@ -128,8 +132,21 @@ class IngestPhase(BasePhase):
                 )
             return
         complete, self._pending = self._pending[:cut], self._pending[cut:]
+        # Rows already in batches go; then the new ones, numbered from 1 after the header.
+        del self._rows[: self._taken]
+        self._taken = 0
+        rows = self._rows
         try:
-            self._records.extend(csv.reader(io.StringIO(complete, newline="")))
+            # A record at a time: draining the reader in one C call (list(), extend())
+            # would hold the GIL, and so stall the event loop, for the whole chunk.
+            for record in csv.reader(io.StringIO(complete, newline="")):
+                if not record or record == [""]:
+                    continue  # blank line: not a row
+                if self._header is None:
+                    self._header = record
+                    continue
+                self._row_number += 1
+                rows.append((self._row_number, tuple(record)))
         except csv.Error as exc:
             raise PipelineFailure(
                 f"The CSV after row {self._row_number} cannot be parsed: {exc}"

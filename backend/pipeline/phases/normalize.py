@@ -37,7 +37,7 @@ def _code(text: str, synonyms: dict[str, str]) -> str:
 class NormalizePhase(BasePhase):
     name = "normalize"
 
-    async def process(self, batch: Batch, ctx: RunContext) -> None:
+    def transform(self, batch: Batch, ctx: RunContext) -> None:
         for row in batch.rows:
             row.loan_id = row.loan_id.strip()
             row.borrower_id = row.borrower_id.strip()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import date, datetime
 
 from backend.models import Severity
+from backend.pipeline.columns import max_length
 from backend.pipeline.phases.base import (
     BasePhase,
     Batch,
@@ -23,9 +24,8 @@ from backend.pipeline.phases.base import (
 )
 from backend.pipeline.tape import REQUIRED_COLUMNS
 
-MAX_ID_LENGTH = 64
-MAX_TEXT_LENGTH = 32
-MAX_TEAM_LENGTH = 100
+# Text may be as long as its column (and the loan_id of an exception) stores.
+MAX_ID_LENGTH = max_length("loan_id")
 MAX_AMOUNT = 100_000_000.0
 MIN_DATE = date(1900, 1, 1)
 DATE_FORMATS = ("%m/%d/%Y",)
@@ -91,6 +91,11 @@ def _text(column: str, text: str, limit: int, *, required: bool = True) -> str:
     return text
 
 
+def _text_check(column: str, *, required: bool = True) -> Callable[[str], str]:
+    limit = max_length(column)
+    return lambda v: _text(column, v, limit, required=required)
+
+
 def _state(text: str) -> str:
     value = text.strip()
     if not value:
@@ -118,8 +123,8 @@ def _origination(text: str) -> str:
 
 # Column -> check; each returns the value LoanRow stores (normalize finishes the job).
 CHECKS: dict[str, Callable[[str], object]] = {
-    "loan_id": lambda v: _text("loan_id", v, MAX_ID_LENGTH),
-    "borrower_id": lambda v: _text("borrower_id", v, MAX_ID_LENGTH),
+    "loan_id": _text_check("loan_id"),
+    "borrower_id": _text_check("borrower_id"),
     "amount": lambda v: _number("amount", v, 0, MAX_AMOUNT, low_open=True),
     "rate": lambda v: _number("rate", v, 0, 25),
     "term_months": lambda v: _integer("term_months", v, 1, 480),
@@ -128,19 +133,21 @@ CHECKS: dict[str, Callable[[str], object]] = {
     "monthly_debt": lambda v: _number("monthly_debt", v, 0, MAX_AMOUNT),
     "property_value": lambda v: _number("property_value", v, 0, MAX_AMOUNT, low_open=True),
     "state": _state,
-    "property_type": lambda v: _text("property_type", v, MAX_TEXT_LENGTH),
-    "occupancy": lambda v: _text("occupancy", v, MAX_TEXT_LENGTH),
+    "property_type": _text_check("property_type"),
+    "occupancy": _text_check("occupancy"),
     "origination_date": _origination,
-    "sales_team": lambda v: _text("sales_team", v, MAX_TEAM_LENGTH, required=False),
+    "sales_team": _text_check("sales_team", required=False),
 }
-assert tuple(CHECKS) == REQUIRED_COLUMNS
+assert set(CHECKS) == set(REQUIRED_COLUMNS)
 
 
 class ValidatePhase(BasePhase):
     name = "validate"
 
     def __init__(self) -> None:
-        self._positions: list[int] = []
+        # (column, its check, its position in the tape's rows), in REQUIRED_COLUMNS order.
+        self._plan: tuple[tuple[str, Callable[[str], object], int], ...] = ()
+        self._loan_id_at = 0
         self._width = 0
         self._seen_ids: set[str] = set()
 
@@ -152,19 +159,20 @@ class ValidatePhase(BasePhase):
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise PipelineFailure(f"The tape is missing required columns: {', '.join(missing)}")
-        self._positions = [names.index(c) for c in REQUIRED_COLUMNS]
+        self._plan = tuple((c, CHECKS[c], names.index(c)) for c in REQUIRED_COLUMNS)
+        self._loan_id_at = names.index("loan_id")
         self._width = len(names)
 
-    async def process(self, batch: Batch, ctx: RunContext) -> None:
-        checks = list(CHECKS.values())
-        positions = self._positions
+    def transform(self, batch: Batch, ctx: RunContext) -> None:
+        plan = self._plan
+        loan_id_at = self._loan_id_at
         width = self._width
         seen = self._seen_ids
         rows = batch.rows
         problems = batch.exceptions
         for row_number, fields in batch.raw:
             loan_id = (
-                fields[positions[0]].strip()[:MAX_ID_LENGTH] if positions[0] < len(fields) else None
+                fields[loan_id_at].strip()[:MAX_ID_LENGTH] if loan_id_at < len(fields) else None
             )
             if len(fields) != width:
                 problems.append(
@@ -179,14 +187,13 @@ class ValidatePhase(BasePhase):
                 )
                 ctx.counts.rejected += 1
                 continue
-            values: list[object] = []
+            values: dict[str, object] = {}
             errors: list[RowError] = []
-            for check, position in zip(checks, positions, strict=True):
+            for column, check, position in plan:
                 try:
-                    values.append(check(fields[position]))
+                    values[column] = check(fields[position])
                 except RowError as error:
                     errors.append(error)
-                    values.append(None)
             if not errors and loan_id in seen:
                 errors.append(
                     RowError("duplicate_loan_id", "loan_id", "loan_id appears earlier in the tape")
@@ -201,5 +208,5 @@ class ValidatePhase(BasePhase):
                 ctx.counts.rejected += 1
                 continue
             seen.add(loan_id)  # type: ignore[arg-type]
-            rows.append(LoanRow(row_number, *values))  # type: ignore[arg-type]
+            rows.append(LoanRow(row_number=row_number, **values))  # type: ignore[arg-type]
         batch.raw = []  # the raw text is no longer needed; free it early
