@@ -124,3 +124,36 @@ async def client_count_users(session: object) -> int:
     from backend.models import User
 
     return int(await session.scalar(select(func.count()).select_from(User)))  # type: ignore[attr-defined]
+
+
+async def test_concurrent_starts_seed_one_admin_and_all_succeed(clean_db: str) -> None:
+    """Workers and tasks that start together all seed the admin at once: exactly one
+    creates it, the others find it, and none fails its start-up."""
+    import asyncio
+
+    from sqlalchemy import select
+
+    from backend.database import Database
+    from backend.models import Role, User
+    from backend.tests.conftest import make_settings
+    from backend.users.service import ensure_admin
+
+    settings = make_settings(DATABASE_URL=clean_db)
+    databases = [Database(settings) for _ in range(4)]
+
+    async def start(database: Database) -> bool:
+        async with database.session() as session:
+            return await ensure_admin(session, settings) is not None
+
+    try:
+        for database in databases:  # connected beforehand, so the starts overlap
+            async with database.session() as session:
+                await session.scalar(select(User.id).limit(1))
+        created = await asyncio.gather(*(start(database) for database in databases))
+        assert sorted(created) == [False, False, False, True]
+        async with databases[0].session() as session:
+            admins = (await session.scalars(select(User).where(User.role == Role.ADMIN))).all()
+        assert [admin.username for admin in admins] == [settings.ADMIN_USERNAME]
+    finally:
+        for database in databases:
+            await database.dispose()

@@ -7,7 +7,7 @@ import sys
 
 import anyio
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.schemas import RegisterRequest, check_password
@@ -20,6 +20,10 @@ from backend.pagination import PageParams
 from backend.users.schemas import UserUpdate
 
 logger = structlog.get_logger(__name__)
+
+# Key of the PostgreSQL advisory lock that serialises admin seeding: every API
+# worker and task seeds at start-up, and during a deploy several start at once.
+ADMIN_SEED_LOCK_KEY = 0x4C45_0001
 
 
 async def list_users(session: AsyncSession, page: PageParams) -> tuple[list[User], int]:
@@ -107,6 +111,13 @@ async def ensure_admin(session: AsyncSession, settings: Settings) -> User | None
     Without ADMIN_PASSWORD, development and test generate one and print it once to
     the console (never to the log); staging and production refuse.
     """
+    connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        # Held until this transaction ends, so a process starting beside this one
+        # waits, then sees the admin this one committed instead of racing to insert it.
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMIN_SEED_LOCK_KEY}
+        )
     existing = await session.scalar(select(User.id).where(User.role == Role.ADMIN).limit(1))
     if existing is not None:
         return None
