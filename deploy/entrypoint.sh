@@ -5,9 +5,11 @@
 # directly.
 #
 # Migrations here are a convenience for `docker run` and single-task set-ups
-# (RUN_MIGRATIONS=true, the default). With several tasks starting at once they would
-# race, so the ECS stack sets RUN_MIGRATIONS=false and runs the one-off migrate task
-# before a deploy (deploy/aws/README.md). The step is bounded: it gives up after
+# (RUN_MIGRATIONS=true, the default). Tasks starting at once are safe (on PostgreSQL
+# the migration holds an advisory lock: one applies, the others wait and find nothing
+# to do), but the schema should change before new code serves, so the ECS stack sets
+# RUN_MIGRATIONS=false and runs the one-off migrate task before a deploy
+# (deploy/aws/README.md). The step is bounded: it gives up after
 # MIGRATION_ATTEMPTS attempts or once MIGRATION_TIMEOUT_SECONDS have passed, whichever
 # comes first; keep that budget (plus one attempt) below the load balancer's health
 # check grace period so a task never gets killed for being slow to migrate.

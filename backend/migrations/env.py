@@ -7,6 +7,7 @@ from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -46,9 +47,19 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# PostgreSQL advisory lock key held while migrating: containers that start together
+# each run `migrate`; the first applies the revisions, the others wait and find none.
+MIGRATION_LOCK_KEY = 0x4C45_0002
+
+
 def _run_sync(connection: Connection) -> None:
     _configure(connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Taken before Alembic reads the current revision; released at commit.
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
         context.run_migrations()
 
 

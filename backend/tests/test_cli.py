@@ -87,3 +87,55 @@ def test_generate_tape_shares(tmp_path: Path) -> None:
     bad = cli("generate-tape", "--rows", "1", "--out", str(out),
               "--ineligible-share", "0.8", "--malformed-share", "0.5", env=env)  # fmt: skip
     assert bad.returncode == 2
+
+
+async def test_migrations_started_together_apply_once(tmp_path: Path) -> None:
+    """Containers that start together each run `migrate` (RUN_MIGRATIONS=true): on an
+    empty PostgreSQL database one applies the migrations and the others wait for it,
+    then find nothing to do. None of them fails."""
+    import uuid
+
+    from sqlalchemy import make_url, text
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from backend.migrations.runner import head_revisions
+    from backend.tests.conftest import TEST_DATABASE_URL
+
+    name = f"migrate_{uuid.uuid4().hex[:12]}"
+    server = create_async_engine(
+        make_url(TEST_DATABASE_URL).set(database="postgres"),
+        poolclass=NullPool,
+        isolation_level="AUTOCOMMIT",
+    )
+    async with server.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(TEST_DATABASE_URL).set(database=name).render_as_string(hide_password=False)
+    env = {**os.environ, "ENVIRONMENT": "test", "DATABASE_URL": url}
+    try:
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "backend.admin.cli", "migrate"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        outcomes = [(p.wait(120), p.stderr.read() if p.stderr else "") for p in processes]
+        assert [code for code, _ in outcomes] == [0, 0, 0], outcomes
+        database = create_async_engine(url, poolclass=NullPool)
+        try:
+            async with database.connect() as conn:
+                versions = (
+                    await conn.execute(text("SELECT version_num FROM alembic_version"))
+                ).all()
+        finally:
+            await database.dispose()
+        assert tuple(row[0] for row in versions) == head_revisions()
+    finally:
+        async with server.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await server.dispose()
